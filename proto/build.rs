@@ -1,0 +1,27 @@
+//! Compiles the .proto contracts with protox (pure Rust: no protoc needed).
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    for file in ["proto/agent.proto", "proto/broker.proto"] {
+        println!("cargo:rerun-if-changed={file}");
+    }
+
+    let agent = protox::compile(["agent.proto"], ["proto"])?;
+    prost_build::Config::new()
+        .out_dir(&out_dir)
+        .compile_fds(agent)?;
+
+    let broker = protox::compile(["broker.proto"], ["proto"])?;
+    if std::env::var_os("CARGO_FEATURE_GRPC").is_some() {
+        tonic_prost_build::configure()
+            .out_dir(&out_dir)
+            .compile_fds(broker)?;
+    } else {
+        prost_build::Config::new()
+            .out_dir(&out_dir)
+            .compile_fds(broker)?;
+    }
+    Ok(())
+}

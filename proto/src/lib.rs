@@ -1,0 +1,25 @@
+//! moat's wire contracts, generated at build time from `proto/*.proto`.
+//!
+//! - [`broker`]: the gRPC service between gateway and broker (with the `grpc`
+//!   feature, also the tonic client and server).
+//! - [`agent`]: the frames between broker and guest agent, and [`frame`], the
+//!   length-prefixed codec both sides use.
+
+pub mod frame;
+pub mod names;
+
+/// Broker <-> gateway messages (package `moat.broker.v1`).
+pub mod broker {
+    include!(concat!(env!("OUT_DIR"), "/moat.broker.v1.rs"));
+}
+
+/// Broker <-> guest agent messages (package `moat.agent.v1`).
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/moat.agent.v1.rs"));
+
+    /// Version of the agent protocol this build speaks.
+    pub const PROTOCOL_VERSION: u32 = 1;
+
+    /// Name of the virtio-serial port that carries the agent channel.
+    pub const PORT_NAME: &str = "moat.agent";
+}
