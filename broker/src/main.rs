@@ -1,1 +1,181 @@
-fn main() {}
+//! `moat-broker`: loads and checks its config, prepares the boot files,
+//! removes leftovers of an earlier run, then serves gRPC until SIGTERM/SIGINT,
+//! when it stops every sandbox before exiting.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use moat_broker::cgroups::CgroupManager;
+use moat_broker::config::BrokerConfig;
+use moat_broker::sandbox::{LaunchContext, Sandboxes};
+use moat_broker::service::BrokerService;
+use moat_broker::slots::SlotAllocator;
+use moat_broker::vmm::{detect_accel, Qemu, Vmm};
+use moat_broker::{initramfs, server};
+use moat_proto::broker::broker_server::BrokerServer;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// moat-broker: runs sandboxes as jailed microVMs for moat-gateway.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Broker configuration file (TOML).
+    #[arg(
+        long,
+        env = "MOAT_BROKER_CONFIG",
+        default_value = "/etc/moat/broker.toml"
+    )]
+    config: PathBuf,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = BrokerConfig::load(&args.config)?;
+    config.validate()?;
+    for (what, p) in [
+        ("boot.kernel", &config.boot.kernel),
+        ("boot.agent", &config.boot.agent),
+    ] {
+        if !p.is_file() {
+            bail!(
+                "{what} {} does not exist: build it (see README) or fix {}",
+                p.display(),
+                args.config.display()
+            );
+        }
+    }
+    for (name, p) in &config.images.local {
+        if !p.is_file() {
+            bail!("images.local.{name} {} does not exist", p.display());
+        }
+    }
+    if args.check {
+        println!("{}: ok", args.config.display());
+        return Ok(());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("moat-broker must run as root (it creates cgroups and drops each VM to its own uid)");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(config))
+}
+
+async fn run(config: BrokerConfig) -> Result<()> {
+    let config = Arc::new(config);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(&config.state_dir)?;
+    std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o711))?;
+    let initramfs = write_initramfs(&config.boot.agent, &config.state_dir.join("boot"))?;
+
+    let facts = moat_broker::vmm::accel::HostFacts::read(Path::new("/"));
+    let (accel, reason) = detect_accel(&config.vmm.accel, &facts).map_err(anyhow::Error::msg)?;
+    let kvm_gid = std::fs::metadata("/dev/kvm")
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::gid(&m));
+    let vmm: Arc<dyn Vmm> = Arc::new(Qemu {
+        binary: config.vmm.qemu.clone(),
+        accel,
+        reason,
+        kvm_gid,
+    });
+    tracing::info!(vmm = %vmm.describe(), "VM backend chosen");
+
+    let cgroups = CgroupManager::detect(&config.cgroups.root, &config.cgroups.parent)?;
+    tracing::info!(hierarchy = ?cgroups.hierarchy(), "cgroups");
+    sweep_leftovers(&cgroups, &config.state_dir.join("vms"));
+
+    let ctx = LaunchContext {
+        config: config.clone(),
+        vmm: vmm.clone(),
+        cgroups,
+        slots: SlotAllocator::new(config.sandbox_ids.base, config.sandbox_ids.count),
+        running: Arc::new(tokio::sync::Semaphore::new(
+            config.limits.max_sandboxes as usize,
+        )),
+        initramfs,
+    };
+    let sandboxes = Arc::new(Sandboxes::new(ctx));
+    let service = BrokerService::new(sandboxes.clone(), vmm.describe());
+
+    let listener = server::bind(&config.socket, config.gateway_gid)?;
+    tracing::info!(socket = %config.socket.display(), gateway_uid = config.gateway_uid, "broker listening");
+    let incoming = server::authorized_connections(listener, config.gateway_uid);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down: stopping sandboxes");
+    };
+    tonic::transport::Server::builder()
+        .add_service(BrokerServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .context("gRPC server")?;
+    sandboxes.stop_all().await;
+    let _ = std::fs::remove_file(&config.socket);
+    tracing::info!("broker stopped");
+    Ok(())
+}
+
+/// Builds the initramfs from the agent binary into `dir` (atomically).
+fn write_initramfs(agent: &Path, dir: &Path) -> Result<PathBuf> {
+    let bytes =
+        std::fs::read(agent).with_context(|| format!("reading agent {}", agent.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)?;
+    let path = dir.join("initramfs.cpio");
+    let tmp = dir.join("initramfs.cpio.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    initramfs::write_initramfs(&mut f, &bytes)?;
+    f.flush()?;
+    f.sync_all()?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+/// VMs do not outlive the broker (parent-death signal); what an earlier run
+/// left behind (cgroups, VM directories) is removed before serving.
+fn sweep_leftovers(cgroups: &CgroupManager, vms_dir: &Path) {
+    for (name, cg) in cgroups.leftovers() {
+        match cg.remove() {
+            Ok(()) => tracing::warn!(cgroup = %name, "removed leftover cgroup of an earlier run"),
+            Err(e) => tracing::error!(cgroup = %name, error = %e, "cannot remove leftover cgroup"),
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(vms_dir) {
+        for e in entries.flatten() {
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => {
+                    tracing::warn!(dir = %e.path().display(), "removed leftover VM directory")
+                }
+                Err(err) => {
+                    tracing::error!(dir = %e.path().display(), error = %err, "cannot remove leftover VM directory")
+                }
+            }
+        }
+    }
+}

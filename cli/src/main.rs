@@ -1,1 +1,33 @@
-fn main() {}
+//! `moat`: the operator CLI. `moat server start --dev` runs the broker (as
+//! root) and the gateway (dropped to the unprivileged user named by the
+//! broker config's `gateway_uid`) on this host, and stops both cleanly on
+//! Ctrl-C / SIGTERM.
+
+mod server;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// moat: self-hosted microVM sandboxes for untrusted code.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run and manage the moat server (broker + gateway).
+    Server {
+        #[command(subcommand)]
+        command: server::ServerCommand,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Server { command } => server::run(command),
+    }
+}

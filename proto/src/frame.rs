@@ -78,7 +78,9 @@ mod tests {
     fn round_trip() {
         let msg = HostMessage {
             id: 7,
-            body: Some(Body::Hello(Hello { protocol_version: 1 })),
+            body: Some(Body::Hello(Hello {
+                protocol_version: 1,
+            })),
         };
         let bytes = encode(&msg, 1024).expect("encode");
         let back: HostMessage = read(&mut bytes.as_slice(), 1024)
@@ -91,12 +93,17 @@ mod tests {
     fn oversized_length_is_refused_before_allocating() {
         let bytes = [0xff, 0xff, 0xff, 0xff, 0];
         let err = read::<HostMessage, _>(&mut bytes.as_slice(), 1024).unwrap_err();
-        assert!(matches!(err, FrameError::TooLarge { max: 1024, .. }), "{err}");
+        assert!(
+            matches!(err, FrameError::TooLarge { max: 1024, .. }),
+            "{err}"
+        );
     }
 
     #[test]
     fn clean_eof_is_none_and_torn_header_is_error() {
-        assert!(read::<HostMessage, _>(&mut [].as_slice(), 10).unwrap().is_none());
+        assert!(read::<HostMessage, _>(&mut [].as_slice(), 10)
+            .unwrap()
+            .is_none());
         assert!(read::<HostMessage, _>(&mut [0u8, 0].as_slice(), 10).is_err());
     }
 }

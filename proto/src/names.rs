@@ -36,7 +36,10 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), NameError> {
     let mut chars = name.chars();
     if let Some(first) = chars.next() {
         if !first.is_ascii_alphanumeric() {
-            return Err(NameError::BadStart { what, name: shown() });
+            return Err(NameError::BadStart {
+                what,
+                name: shown(),
+            });
         }
     }
     if let Some(ch) = chars.find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_')) {
@@ -70,16 +73,30 @@ mod tests {
             validate_name("n", &"x".repeat(64)),
             Err(NameError::TooLong { len: 64, .. })
         ));
-        assert!(matches!(validate_name("n", "-a"), Err(NameError::BadStart { .. })));
-        assert!(matches!(validate_name("n", "_a"), Err(NameError::BadStart { .. })));
-        for (name, bad) in [("a/b", '/'), ("a..b", '.'), ("a b", ' '), ("a*", '*'), ("é", 'é')] {
+        assert!(matches!(
+            validate_name("n", "-a"),
+            Err(NameError::BadStart { .. })
+        ));
+        assert!(matches!(
+            validate_name("n", "_a"),
+            Err(NameError::BadStart { .. })
+        ));
+        for (name, bad) in [
+            ("a/b", '/'),
+            ("a..b", '.'),
+            ("a b", ' '),
+            ("a*", '*'),
+            ("é", 'é'),
+        ] {
             match validate_name("n", name) {
                 Err(NameError::BadChar { ch, .. }) => assert_eq!(ch, bad, "{name}"),
                 Err(NameError::BadStart { .. }) if name == "é" => {}
                 other => panic!("{name}: {other:?}"),
             }
         }
-        let msg = validate_name("sandbox name", "a/b").unwrap_err().to_string();
+        let msg = validate_name("sandbox name", "a/b")
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("letters, digits"), "{msg}");
     }
 }

@@ -1,1 +1,424 @@
-//! Harness for the end-to-end suites.
+//! Harness for the end-to-end suites: starts the real stack (`moat server
+//! start --dev`, which runs moat-broker as root and moat-gateway as the
+//! `moat` user) with its own config, state directory, cgroup parent, uid
+//! range and port, talks to it over HTTP, and inspects the host for
+//! leftovers. Each [`Server`] stops its stack when dropped.
+//!
+//! Needs root, the `moat` user, and the artefacts `make test` builds; the
+//! paths come from `MOAT_BUILD_DIR` (kernel, agent, base image) and
+//! `MOAT_BIN_DIR` (host binaries).
+
+use std::fs;
+use std::io::Read;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+static SERVERS: AtomicU32 = AtomicU32::new(0);
+
+fn env_dir(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(default)
+    })
+}
+
+/// Directory with vmlinux, moat-agent, base.erofs, kernel.release.
+pub fn build_dir() -> PathBuf {
+    env_dir("MOAT_BUILD_DIR", "build")
+}
+
+/// Directory with moat, moat-broker, moat-gateway.
+pub fn bin_dir() -> PathBuf {
+    env_dir("MOAT_BIN_DIR", "target/release")
+}
+
+/// Knobs a suite may turn for its own server.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub boot_timeout_secs: u32,
+    pub max_sandboxes: u32,
+    /// Extra `[images.local]` entries: name -> file.
+    pub extra_images: Vec<(String, PathBuf)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            boot_timeout_secs: 60,
+            max_sandboxes: 8,
+            extra_images: Vec::new(),
+        }
+    }
+}
+
+/// A running moat stack.
+pub struct Server {
+    child: Option<Child>,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub cgroup_parent: String,
+    pub uid_base: u32,
+    pub uid_count: u32,
+    agent: ureq::Agent,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn user_ids(name: &str) -> (u32, u32) {
+    let u = nix::unistd::User::from_name(name)
+        .expect("getpwnam")
+        .unwrap_or_else(|| panic!("user {name:?} missing: run packaging/dev/setup.sh"));
+    (u.uid.as_raw(), u.gid.as_raw())
+}
+
+impl Server {
+    pub fn start() -> Self {
+        Self::start_with(Options::default())
+    }
+
+    pub fn start_with(opts: Options) -> Self {
+        let n = SERVERS.fetch_add(1, Ordering::SeqCst);
+        let dir = tempfile::Builder::new()
+            .prefix("moat-e2e.")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let state_dir = dir.path().join("state");
+        let socket = dir.path().join("run/broker.sock");
+        let log = dir.path().join("server.log");
+        let build = build_dir();
+        let (uid, gid) = user_ids("moat");
+        let uid_count = 16;
+        let uid_base = 1_910_000_000 + (std::process::id() % 5000) * 1000 + n * uid_count;
+        let cgroup_parent = format!("moat-e2e-{}-{n}", std::process::id());
+        let mut images = format!("base = \"{}\"\n", build.join("base.erofs").display());
+        for (name, path) in &opts.extra_images {
+            images.push_str(&format!("{name} = \"{}\"\n", path.display()));
+        }
+        let config = format!(
+            r#"socket = "{socket}"
+gateway_uid = {uid}
+gateway_gid = {gid}
+state_dir = "{state}"
+[boot]
+kernel = "{kernel}"
+agent = "{agent}"
+[images]
+default = "base"
+[images.local]
+{images}
+[limits]
+boot_timeout_secs = {boot}
+max_sandboxes = {maxsb}
+stop_timeout_secs = 10
+max_command_timeout_secs = 600
+[sandbox_ids]
+base = {uid_base}
+count = {uid_count}
+[cgroups]
+parent = "{cgroup_parent}"
+"#,
+            socket = socket.display(),
+            state = state_dir.display(),
+            kernel = build.join("vmlinux").display(),
+            agent = build.join("moat-agent").display(),
+            boot = opts.boot_timeout_secs,
+            maxsb = opts.max_sandboxes,
+        );
+        let config_path = dir.path().join("broker.toml");
+        fs::write(&config_path, config).expect("write config");
+        // The gateway (as `moat`) must reach its socket: make the test dir
+        // traversable.
+        fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
+
+        let port = free_port();
+        let logfile = fs::File::create(&log).expect("log file");
+        let child = Command::new(bin_dir().join("moat"))
+            .args([
+                "server",
+                "start",
+                "--dev",
+                "--port",
+                &port.to_string(),
+                "--broker-config",
+            ])
+            .arg(&config_path)
+            .env("MOAT_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(logfile.try_clone().expect("dup"))
+            .stderr(logfile)
+            .process_group(0)
+            .spawn()
+            .expect("spawn moat server start");
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(600)))
+            .build()
+            .into();
+        let mut server = Self {
+            child: Some(child),
+            url: format!("http://127.0.0.1:{port}"),
+            dir,
+            state_dir,
+            socket,
+            log,
+            cgroup_parent,
+            uid_base,
+            uid_count,
+            agent,
+        };
+        server.wait_healthy();
+        server
+    }
+
+    fn wait_healthy(&mut self) {
+        let start = Instant::now();
+        loop {
+            if let Ok((200, _)) = self.get("/api/v1/health") {
+                return;
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(st)) = child.try_wait() {
+                    panic!(
+                        "moat server exited ({st}) before becoming healthy:\n{}",
+                        self.log_text()
+                    );
+                }
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                panic!("moat server not healthy after 60 s:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Everything the stack has logged so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET a path: (status, body).
+    pub fn get(&self, path: &str) -> Result<(u16, Value), String> {
+        let mut resp = self
+            .agent
+            .get(format!("{}{path}", self.url))
+            .call()
+            .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let body = resp.body_mut().read_json::<Value>().unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    /// POST a raw JSON body to /api/v1/rpc: (status, body).
+    pub fn post(&self, body: &Value) -> (u16, Value) {
+        let mut resp = self
+            .agent
+            .post(format!("{}/api/v1/rpc", self.url))
+            .send_json(body)
+            .expect("POST /api/v1/rpc");
+        let status = resp.status().as_u16();
+        let mut text = String::new();
+        resp.body_mut()
+            .as_reader()
+            .read_to_string(&mut text)
+            .expect("read body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// One JSON-RPC call: the whole response object.
+    pub fn rpc(&self, method: &str, params: Value) -> Value {
+        self.post(&json!({"jsonrpc": "2.0", "method": method, "params": params, "id": 1}))
+            .1
+    }
+
+    /// One JSON-RPC call that must succeed: its result.
+    pub fn ok(&self, method: &str, params: Value) -> Value {
+        let resp = self.rpc(method, params.clone());
+        match resp.get("result") {
+            Some(r) => r.clone(),
+            None => panic!(
+                "{method} {params} failed: {resp}\nserver log:\n{}",
+                self.log_text()
+            ),
+        }
+    }
+
+    /// One JSON-RPC call that must fail: (code, message).
+    pub fn err(&self, method: &str, params: Value) -> (i64, String) {
+        let resp = self.rpc(method, params.clone());
+        let e = resp
+            .get("error")
+            .unwrap_or_else(|| panic!("{method} {params} should fail: {resp}"));
+        (
+            e["code"].as_i64().unwrap_or_default(),
+            e["message"].as_str().unwrap_or_default().to_string(),
+        )
+    }
+
+    pub fn start_sandbox(&self, name: &str, config: Value) {
+        let r = self.ok(
+            "sandbox.start",
+            json!({"sandbox": name, "namespace": "default", "config": config}),
+        );
+        assert_eq!(r, json!(format!("Sandbox {name} started successfully")));
+    }
+
+    pub fn stop_sandbox(&self, name: &str) {
+        let r = self.ok(
+            "sandbox.stop",
+            json!({"sandbox": name, "namespace": "default"}),
+        );
+        assert_eq!(r, json!(format!("Sandbox {name} stopped successfully")));
+    }
+
+    /// `sandbox.command.run` result.
+    pub fn run(&self, name: &str, command: &str, args: &[&str]) -> Value {
+        self.ok(
+            "sandbox.command.run",
+            json!({"sandbox": name, "namespace": "default", "command": command, "args": args}),
+        )
+    }
+
+    /// Stdout lines of a command result.
+    pub fn stdout_lines(result: &Value) -> Vec<String> {
+        lines_of(result, "stdout")
+    }
+
+    /// Pids of VM processes running under this server's sandbox uids.
+    pub fn vm_pids(&self) -> Vec<(i32, u32)> {
+        processes_with_uids(self.uid_base..self.uid_base + self.uid_count)
+    }
+
+    /// Sandbox cgroups that exist under this server's parent (any controller).
+    pub fn cgroups(&self) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        for base in [
+            "/sys/fs/cgroup",
+            "/sys/fs/cgroup/memory",
+            "/sys/fs/cgroup/cpu",
+            "/sys/fs/cgroup/pids",
+        ] {
+            if let Ok(rd) = fs::read_dir(Path::new(base).join(&self.cgroup_parent)) {
+                found.extend(rd.flatten().filter(|e| e.path().is_dir()).map(|e| e.path()));
+            }
+        }
+        found
+    }
+
+    /// Per-VM directories (disks, sockets) that exist.
+    pub fn vm_dirs(&self) -> Vec<PathBuf> {
+        fs::read_dir(self.state_dir.join("vms"))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Asserts nothing of any sandbox remains on the host.
+    pub fn assert_no_leftovers(&self) {
+        // Processes may take a moment to be reaped after a stop's reply.
+        let start = Instant::now();
+        while !self.vm_pids().is_empty() && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(self.vm_pids(), vec![], "VM processes left");
+        assert_eq!(self.cgroups(), Vec::<PathBuf>::new(), "cgroups left");
+        assert_eq!(self.vm_dirs(), Vec::<PathBuf>::new(), "VM directories left");
+    }
+}
+
+/// Lines of one stream in a command/repl result.
+pub fn lines_of(result: &Value, stream: &str) -> Vec<String> {
+    result["output"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|l| l["stream"] == stream)
+                .map(|l| l["text"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// (pid, uid) of every process whose real uid is in `uids`.
+pub fn processes_with_uids(uids: std::ops::Range<u32>) -> Vec<(i32, u32)> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(status) = fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        let uid = status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|u| u.parse::<u32>().ok());
+        if let Some(uid) = uid {
+            if uids.contains(&uid) {
+                out.push((pid, uid));
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Peak resident set (VmHWM) of a process, KiB.
+pub fn peak_rss_kib(pid: i32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(60) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for cg in self.cgroups() {
+            let _ = fs::remove_dir(cg);
+        }
+        for base in [
+            "/sys/fs/cgroup",
+            "/sys/fs/cgroup/memory",
+            "/sys/fs/cgroup/cpu",
+            "/sys/fs/cgroup/cpuacct",
+            "/sys/fs/cgroup/pids",
+        ] {
+            let _ = fs::remove_dir(Path::new(base).join(&self.cgroup_parent));
+        }
+    }
+}

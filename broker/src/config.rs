@@ -1,0 +1,443 @@
+//! Broker configuration: parsed from TOML into typed structs (unknown fields
+//! are errors), then checked by [`BrokerConfig::validate`]. Every limit the
+//! broker enforces is a named field here with its default.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors loading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole broker configuration (`/etc/moat/broker.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// gRPC socket the gateway connects to. Its directory is made 0750 and
+    /// the socket 0660, both group `gateway_gid`.
+    pub socket: PathBuf,
+    /// The only uid allowed to talk to the broker (checked with SO_PEERCRED).
+    pub gateway_uid: u32,
+    /// Group owning the socket and its directory.
+    pub gateway_gid: u32,
+    /// Broker state: per-VM directories (writable disks, agent sockets) and
+    /// the generated initramfs.
+    pub state_dir: PathBuf,
+    pub boot: BootConfig,
+    pub images: ImagesConfig,
+    pub vmm: VmmConfig,
+    pub limits: Limits,
+    pub sandbox_ids: IdRange,
+    pub cgroups: CgroupConfig,
+}
+
+/// What every VM boots.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BootConfig {
+    /// PVH-enabled ELF guest kernel (`packaging/kernel/build.sh`).
+    pub kernel: PathBuf,
+    /// Static `moat-agent` binary; the broker packs it into the initramfs as `/init`.
+    pub agent: PathBuf,
+}
+
+/// Read-only root images the broker can boot, by name (the OCI image store
+/// replaces this table in a later release).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// Image used when `config.image` is absent.
+    pub default: String,
+    /// Image name -> erofs or ext4 disk image file.
+    pub local: BTreeMap<String, PathBuf>,
+}
+
+/// VM backend settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmmConfig {
+    /// `auto` (KVM when the host has hardware virtualisation, else TCG),
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    /// The QEMU binary.
+    pub qemu: PathBuf,
+}
+
+/// Limits on what a request may ask for, and bounds on how long things take.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub default_memory_mib: u32,
+    pub max_memory_mib: u32,
+    pub default_cpus: u32,
+    pub max_cpus: u32,
+    /// Most sandboxes running at once on this broker.
+    pub max_sandboxes: u32,
+    /// Size of each sandbox's writable disk (its disk quota).
+    pub writable_disk_mib: u32,
+    /// Host memory the VMM process itself needs on top of guest RAM; the
+    /// cgroup memory limit is guest RAM + this.
+    pub vmm_overhead_mib: u32,
+    /// Most processes/threads in a VM process's cgroup.
+    pub vmm_pids_max: u32,
+    /// How long a guest may take to answer after its VM process starts.
+    pub boot_timeout_secs: u32,
+    /// How long a graceful stop may take before the VM process is killed.
+    pub stop_timeout_secs: u32,
+    pub default_command_timeout_secs: u32,
+    pub max_command_timeout_secs: u32,
+    /// Output kept per command; more is dropped and counted.
+    pub max_output_bytes: u64,
+    /// Largest frame accepted from a guest agent.
+    pub max_agent_frame_bytes: u32,
+    /// Longest `command` + `args` + `envs` accepted, in bytes.
+    pub max_request_bytes: u32,
+}
+
+/// Each running sandbox gets a unique uid/gid `base + slot`, slot < count.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdRange {
+    pub base: u32,
+    pub count: u32,
+}
+
+/// Where sandbox cgroups live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CgroupConfig {
+    /// Mount point of the cgroup filesystem(s).
+    pub root: PathBuf,
+    /// Sub-directory (v2) or per-controller sub-directory (v1) for moat.
+    pub parent: String,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/moat/broker.sock"),
+            gateway_uid: 0,
+            gateway_gid: 0,
+            state_dir: PathBuf::from("/var/lib/moat"),
+            boot: BootConfig::default(),
+            images: ImagesConfig::default(),
+            vmm: VmmConfig::default(),
+            limits: Limits::default(),
+            sandbox_ids: IdRange::default(),
+            cgroups: CgroupConfig::default(),
+        }
+    }
+}
+
+impl Default for BootConfig {
+    fn default() -> Self {
+        Self {
+            kernel: PathBuf::from("/usr/lib/moat/vmlinux"),
+            agent: PathBuf::from("/usr/lib/moat/moat-agent"),
+        }
+    }
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        Self {
+            default: "base".into(),
+            local: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for VmmConfig {
+    fn default() -> Self {
+        Self {
+            accel: "auto".into(),
+            qemu: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            default_memory_mib: 512,
+            max_memory_mib: 4096,
+            default_cpus: 1,
+            max_cpus: 4,
+            max_sandboxes: 32,
+            writable_disk_mib: 1024,
+            vmm_overhead_mib: 256,
+            vmm_pids_max: 256,
+            boot_timeout_secs: 60,
+            stop_timeout_secs: 10,
+            default_command_timeout_secs: 30,
+            max_command_timeout_secs: 3600,
+            max_output_bytes: 1 << 20,
+            max_agent_frame_bytes: 16 << 20,
+            max_request_bytes: 256 << 10,
+        }
+    }
+}
+
+impl Default for IdRange {
+    fn default() -> Self {
+        Self {
+            base: 1_900_000_000,
+            count: 4096,
+        }
+    }
+}
+
+impl Default for CgroupConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("/sys/fs/cgroup"),
+            parent: "moat".into(),
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// Reads and parses a TOML file (does not validate).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Parses TOML text (does not validate).
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Checks values against each other and against what the code can do.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let l = &self.limits;
+        if !self.socket.is_absolute() || self.socket.parent().is_none() {
+            return bad(format!("socket {:?} must be an absolute path", self.socket));
+        }
+        if self.socket.as_os_str().len() > 100 {
+            return bad(format!(
+                "socket path {:?} is too long for a Unix socket",
+                self.socket
+            ));
+        }
+        if !self.state_dir.is_absolute() {
+            return bad(format!("state_dir {:?} must be absolute", self.state_dir));
+        }
+        if self.state_dir.as_os_str().len() > 80 {
+            return bad(format!(
+                "state_dir {:?} is too long: per-VM sockets live under it (keep it under 80 bytes)",
+                self.state_dir
+            ));
+        }
+        if self.gateway_uid == 0 {
+            return bad("gateway_uid must be an unprivileged uid, not 0".into());
+        }
+        for (name, v) in [
+            ("default_memory_mib", l.default_memory_mib),
+            ("max_memory_mib", l.max_memory_mib),
+            ("default_cpus", l.default_cpus),
+            ("max_cpus", l.max_cpus),
+            ("max_sandboxes", l.max_sandboxes),
+            ("writable_disk_mib", l.writable_disk_mib),
+            ("vmm_pids_max", l.vmm_pids_max),
+            ("boot_timeout_secs", l.boot_timeout_secs),
+            ("stop_timeout_secs", l.stop_timeout_secs),
+            (
+                "default_command_timeout_secs",
+                l.default_command_timeout_secs,
+            ),
+            ("max_command_timeout_secs", l.max_command_timeout_secs),
+            ("max_agent_frame_bytes", l.max_agent_frame_bytes),
+            ("max_request_bytes", l.max_request_bytes),
+        ] {
+            if v == 0 {
+                return bad(format!("limits.{name} must be greater than 0"));
+            }
+        }
+        if l.default_memory_mib > l.max_memory_mib {
+            return bad("limits.default_memory_mib exceeds limits.max_memory_mib".into());
+        }
+        if l.default_memory_mib < 64 {
+            return bad("limits.default_memory_mib must be at least 64".into());
+        }
+        if l.default_cpus > l.max_cpus {
+            return bad("limits.default_cpus exceeds limits.max_cpus".into());
+        }
+        if l.default_command_timeout_secs > l.max_command_timeout_secs {
+            return bad(
+                "limits.default_command_timeout_secs exceeds limits.max_command_timeout_secs"
+                    .into(),
+            );
+        }
+        if l.max_output_bytes == 0 || l.max_output_bytes >= u64::from(l.max_agent_frame_bytes) {
+            return bad(
+                "limits.max_output_bytes must be above 0 and below limits.max_agent_frame_bytes"
+                    .into(),
+            );
+        }
+        if self.sandbox_ids.count == 0 || self.sandbox_ids.base < 1000 {
+            return bad("sandbox_ids: base must be >= 1000 and count > 0".into());
+        }
+        if self
+            .sandbox_ids
+            .base
+            .checked_add(self.sandbox_ids.count)
+            .is_none_or(|end| end == u32::MAX)
+        {
+            return bad("sandbox_ids: base + count overflows the uid space".into());
+        }
+        let ids = self.sandbox_ids.base..self.sandbox_ids.base + self.sandbox_ids.count;
+        if ids.contains(&self.gateway_uid) {
+            return bad("gateway_uid lies inside the sandbox_ids range".into());
+        }
+        if !matches!(self.vmm.accel.as_str(), "auto" | "kvm" | "tcg") {
+            return bad(format!(
+                "vmm.accel {:?}: use \"auto\", \"kvm\" or \"tcg\"",
+                self.vmm.accel
+            ));
+        }
+        if !self.images.local.contains_key(&self.images.default) {
+            return bad(format!(
+                "images.default {:?} is not listed in [images.local]",
+                self.images.default
+            ));
+        }
+        if self.cgroups.parent.is_empty()
+            || self
+                .cgroups
+                .parent
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return bad(format!(
+                "cgroups.parent {:?} must be a relative path without '.' or '..'",
+                self.cgroups.parent
+            ));
+        }
+        for (what, p) in [
+            ("boot.kernel", &self.boot.kernel),
+            ("boot.agent", &self.boot.agent),
+        ] {
+            if !p.is_absolute() {
+                return bad(format!("{what} {p:?} must be an absolute path"));
+            }
+        }
+        for (name, p) in &self.images.local {
+            if !p.is_absolute() {
+                return bad(format!(
+                    "images.local.{name} {p:?} must be an absolute path"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> BrokerConfig {
+        BrokerConfig::parse(
+            r#"
+            gateway_uid = 999
+            gateway_gid = 999
+            [images]
+            default = "base"
+            [images.local]
+            base = "/var/lib/moat/images/base.erofs"
+            "#,
+        )
+        .expect("parse")
+    }
+
+    #[test]
+    fn defaults_with_images_validate() {
+        valid().validate().expect("valid");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = BrokerConfig::parse("gateway_uid = 1\nbogus = 2\n").unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+        let err = BrokerConfig::parse("[limits]\nmax_memry_mib = 2\n").unwrap_err();
+        assert!(err.to_string().contains("max_memry_mib"), "{err}");
+    }
+
+    #[test]
+    fn validate_names_the_bad_field() {
+        let mut c = valid();
+        c.gateway_uid = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("gateway_uid"));
+
+        let mut c = valid();
+        c.limits.default_memory_mib = 8192;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("default_memory_mib"));
+
+        let mut c = valid();
+        c.images.default = "missing".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("images.default"));
+
+        let mut c = valid();
+        c.cgroups.parent = "../escape".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("cgroups.parent"));
+
+        let mut c = valid();
+        c.gateway_uid = c.sandbox_ids.base + 1;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("sandbox_ids"));
+
+        let mut c = valid();
+        c.vmm.accel = "hvf".into();
+        assert!(c.validate().unwrap_err().to_string().contains("accel"));
+
+        let mut c = valid();
+        c.limits.max_output_bytes = u64::from(c.limits.max_agent_frame_bytes);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_output_bytes"));
+    }
+}

@@ -1,0 +1,240 @@
+//! The sandbox registry: definitions and running VMs by (namespace, name),
+//! and the lifecycle operations on them. One async lock per sandbox makes
+//! starts and stops of one name strictly sequential, so concurrent starts
+//! never produce two VMs; commands only borrow the agent channel and run
+//! without holding that lock.
+
+mod exec;
+pub mod spec;
+mod vm;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use moat_proto::broker::{RunCommandReply, SandboxConfig, SandboxRef};
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::error::BrokerError;
+pub use exec::CommandRequest;
+pub use spec::SandboxSpec;
+pub use vm::{LaunchContext, RunningVm};
+
+/// Sandboxes are keyed by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SandboxKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl SandboxKey {
+    /// Checks both names against the contract's rules.
+    pub fn from_ref(r: Option<&SandboxRef>) -> Result<Self, BrokerError> {
+        let r =
+            r.ok_or_else(|| BrokerError::InvalidArgument("sandbox reference missing".into()))?;
+        let bad = |e: moat_proto::names::NameError| BrokerError::InvalidArgument(e.to_string());
+        moat_proto::names::validate_name("namespace", &r.namespace).map_err(bad)?;
+        moat_proto::names::validate_name("sandbox name", &r.name).map_err(bad)?;
+        Ok(Self {
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+        })
+    }
+}
+
+impl std::fmt::Display for SandboxKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    definition: Option<SandboxSpec>,
+    vm: Option<RunningVm>,
+}
+
+/// All sandboxes this broker knows.
+#[derive(Debug)]
+pub struct Sandboxes {
+    ctx: Arc<LaunchContext>,
+    entries: Mutex<HashMap<SandboxKey, Arc<AsyncMutex<Entry>>>>,
+    shutting_down: AtomicBool,
+}
+
+impl Sandboxes {
+    pub fn new(ctx: LaunchContext) -> Self {
+        Self {
+            ctx: Arc::new(ctx),
+            entries: Mutex::new(HashMap::new()),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    pub fn context(&self) -> &LaunchContext {
+        &self.ctx
+    }
+
+    fn entry(&self, key: &SandboxKey) -> Arc<AsyncMutex<Entry>> {
+        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(key.clone()).or_default().clone()
+    }
+
+    fn existing(&self, key: &SandboxKey) -> Option<Arc<AsyncMutex<Entry>>> {
+        let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key).cloned()
+    }
+
+    fn check_open(&self) -> Result<(), BrokerError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            Err(BrokerError::ShuttingDown)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Number of running VMs.
+    pub fn running(&self) -> u32 {
+        let limit = self.ctx.config.limits.max_sandboxes as usize;
+        (limit - self.ctx.running.available_permits().min(limit)) as u32
+    }
+
+    /// Defines (when `config` is set) and starts a sandbox. Returns false
+    /// when it was already running with the same definition.
+    pub async fn start(
+        &self,
+        key: &SandboxKey,
+        config: Option<&SandboxConfig>,
+    ) -> Result<bool, BrokerError> {
+        self.check_open()?;
+        let cfg = &self.ctx.config;
+        let wanted = match config {
+            Some(c) => Some(
+                SandboxSpec::from_config(c, &cfg.limits, &cfg.images)
+                    .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let entry = match (&wanted, self.existing(key)) {
+            (None, None) => return Err(not_defined(key)),
+            (_, Some(e)) => e,
+            (Some(_), None) => self.entry(key),
+        };
+        let mut e = entry.lock().await;
+        self.check_open()?;
+        if let Some(vm) = &e.vm {
+            return match &wanted {
+                Some(w) if *w != vm.spec => Err(BrokerError::InvalidArgument(format!(
+                    "sandbox {key} is already running with a different config; stop it first, then start it with the new config"
+                ))),
+                _ => Ok(false),
+            };
+        }
+        if let Some(w) = wanted {
+            e.definition = Some(w);
+        }
+        let spec = e.definition.clone().ok_or_else(|| not_defined(key))?;
+        let vm = vm::launch(&self.ctx, &key.name, spec).await?;
+        e.vm = Some(vm);
+        Ok(true)
+    }
+
+    /// Stops a running sandbox and releases everything it held; the
+    /// definition stays.
+    pub async fn stop(&self, key: &SandboxKey) -> Result<(), BrokerError> {
+        let entry = self.existing(key).ok_or_else(|| not_running(key))?;
+        let mut e = entry.lock().await;
+        let vm = e.vm.take().ok_or_else(|| not_running(key))?;
+        let grace = Duration::from_secs(u64::from(self.ctx.config.limits.stop_timeout_secs));
+        vm.stop(&self.ctx, grace).await
+    }
+
+    /// Runs one command in a running sandbox.
+    pub async fn run_command(
+        &self,
+        key: &SandboxKey,
+        req: CommandRequest,
+    ) -> Result<RunCommandReply, BrokerError> {
+        self.check_open()?;
+        let (agent, spec, exit) = {
+            let entry = self.existing(key).ok_or_else(|| not_running(key))?;
+            let e = entry.lock().await;
+            let vm = e.vm.as_ref().ok_or_else(|| not_running(key))?;
+            (vm.agent.clone(), vm.spec.clone(), vm.exit.clone())
+        };
+        exec::run(&self.ctx.config.limits, &agent, &spec, &exit, req).await
+    }
+
+    /// Stops every running sandbox (broker shutdown); refuses new work first.
+    pub async fn stop_all(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let entries: Vec<(SandboxKey, Arc<AsyncMutex<Entry>>)> = {
+            let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        let grace = Duration::from_secs(u64::from(self.ctx.config.limits.stop_timeout_secs));
+        let stops = entries.into_iter().map(|(key, entry)| {
+            let ctx = self.ctx.clone();
+            async move {
+                let vm = entry.lock().await.vm.take();
+                if let Some(vm) = vm {
+                    match vm.stop(&ctx, grace).await {
+                        Ok(()) => tracing::info!(sandbox = %key, "stopped at shutdown"),
+                        Err(e) => tracing::error!(sandbox = %key, error = %e, "stop at shutdown"),
+                    }
+                }
+            }
+        });
+        futures_join_all(stops).await;
+    }
+}
+
+/// Runs futures concurrently to completion (without pulling in `futures`).
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
+    futs: impl Iterator<Item = F>,
+) {
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+fn not_defined(key: &SandboxKey) -> BrokerError {
+    BrokerError::NotFound(format!(
+        "sandbox {} is not defined in namespace {}; start it with a config first",
+        key.name, key.namespace
+    ))
+}
+
+fn not_running(key: &SandboxKey) -> BrokerError {
+    BrokerError::NotFound(format!(
+        "sandbox {} in namespace {} is not running; start it first",
+        key.name, key.namespace
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_validates_both_names() {
+        let r = |ns: &str, n: &str| SandboxRef {
+            namespace: ns.into(),
+            name: n.into(),
+        };
+        assert!(SandboxKey::from_ref(Some(&r("default", "a-1"))).is_ok());
+        assert!(
+            matches!(SandboxKey::from_ref(Some(&r("", "a"))), Err(BrokerError::InvalidArgument(m)) if m.contains("namespace"))
+        );
+        assert!(
+            matches!(SandboxKey::from_ref(Some(&r("d", "../x"))), Err(BrokerError::InvalidArgument(m)) if m.contains("sandbox name"))
+        );
+        assert!(matches!(
+            SandboxKey::from_ref(Some(&r("*", "x"))),
+            Err(BrokerError::InvalidArgument(_))
+        ));
+        assert!(SandboxKey::from_ref(None).is_err());
+    }
+}

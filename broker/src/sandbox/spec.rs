@@ -1,0 +1,236 @@
+//! A sandbox's validated definition: `sandbox.start`'s config checked field
+//! by field against the operator's limits. Nothing reaches a VM that did not
+//! pass through [`SandboxSpec::from_config`].
+
+use std::path::PathBuf;
+
+use moat_proto::broker::SandboxConfig;
+
+use crate::config::{ImagesConfig, Limits};
+
+/// Most `envs` entries.
+pub const MAX_ENVS: usize = 256;
+/// Longest path accepted for `workdir` and `shell`.
+pub const MAX_PATH_LEN: usize = 4096;
+
+/// A checked sandbox definition. Two starts with equal specs are the same
+/// sandbox (a second start of a running one changes nothing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxSpec {
+    pub image_name: String,
+    pub image_disk: PathBuf,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// `KEY=VALUE`, in order; later entries override earlier ones.
+    pub envs: Vec<String>,
+    pub workdir: Option<String>,
+    pub shell: String,
+}
+
+/// Why a config was refused; the message says what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SpecError(pub String);
+
+fn refuse<T>(msg: String) -> Result<T, SpecError> {
+    Err(SpecError(msg))
+}
+
+impl SandboxSpec {
+    pub fn from_config(
+        c: &SandboxConfig,
+        limits: &Limits,
+        images: &ImagesConfig,
+    ) -> Result<Self, SpecError> {
+        let image_name = c.image.clone().unwrap_or_else(|| images.default.clone());
+        let Some(image_disk) = images.local.get(&image_name) else {
+            let known: Vec<&str> = images.local.keys().map(String::as_str).collect();
+            return refuse(format!(
+                "image {image_name:?} is not available on this server; available images: {}",
+                known.join(", ")
+            ));
+        };
+        let memory_mib = c.memory_mib.unwrap_or(limits.default_memory_mib);
+        if memory_mib < 64 || memory_mib > limits.max_memory_mib {
+            return refuse(format!(
+                "memory {memory_mib} MiB is outside the allowed range 64..={} MiB",
+                limits.max_memory_mib
+            ));
+        }
+        let cpus = c.cpus.unwrap_or(limits.default_cpus);
+        if cpus == 0 || cpus > limits.max_cpus {
+            return refuse(format!(
+                "cpus {cpus} is outside the allowed range 1..={}",
+                limits.max_cpus
+            ));
+        }
+        if !c.volumes.is_empty() {
+            return refuse(
+                "volumes are not supported by this moat build yet; remove config.volumes".into(),
+            );
+        }
+        if !c.ports.is_empty() {
+            return refuse("ports need guest networking, which this moat build does not provide yet; remove config.ports".into());
+        }
+        if !c.depends_on.is_empty() {
+            return refuse("depends_on is not supported by this moat build yet; start the other sandboxes first and remove config.depends_on".into());
+        }
+        if !c.scripts.is_empty() || c.exec.is_some() {
+            return refuse("scripts and exec are not supported by this moat build yet; run commands with sandbox.command.run instead".into());
+        }
+        if c.envs.len() > MAX_ENVS {
+            return refuse(format!(
+                "{} envs given; the limit is {MAX_ENVS}",
+                c.envs.len()
+            ));
+        }
+        let total: usize = c.envs.iter().map(String::len).sum();
+        if total > limits.max_request_bytes as usize {
+            return refuse(format!(
+                "envs total {total} bytes; the limit is {}",
+                limits.max_request_bytes
+            ));
+        }
+        for e in &c.envs {
+            check_env(e)?;
+        }
+        let workdir = match &c.workdir {
+            Some(w) => Some(check_path("workdir", w)?),
+            None => None,
+        };
+        let shell = check_path("shell", c.shell.as_deref().unwrap_or("/bin/sh"))?;
+        Ok(Self {
+            image_name,
+            image_disk: image_disk.clone(),
+            memory_mib,
+            cpus,
+            envs: c.envs.clone(),
+            workdir,
+            shell,
+        })
+    }
+}
+
+/// `KEY=VALUE` with a POSIX-style key and no NUL.
+pub fn check_env(e: &str) -> Result<(), SpecError> {
+    let Some((key, _)) = e.split_once('=') else {
+        return refuse(format!("env {e:?} must have the form KEY=VALUE"));
+    };
+    let mut chars = key.chars();
+    let ok_start = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if !ok_start || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return refuse(format!(
+            "env key {key:?} must start with a letter or '_' and contain only letters, digits and '_'"
+        ));
+    }
+    if e.contains('\0') {
+        return refuse(format!("env {key:?} contains a NUL byte"));
+    }
+    Ok(())
+}
+
+/// An absolute guest path without NUL, `.` or `..` components.
+pub fn check_path(what: &str, p: &str) -> Result<String, SpecError> {
+    if !p.starts_with('/') {
+        return refuse(format!("{what} {p:?} must be an absolute path"));
+    }
+    if p.len() > MAX_PATH_LEN || p.contains('\0') {
+        return refuse(format!(
+            "{what} must be under {MAX_PATH_LEN} bytes without NUL bytes"
+        ));
+    }
+    if p.split('/').any(|c| c == "." || c == "..") {
+        return refuse(format!(
+            "{what} {p:?} must not contain '.' or '..' components"
+        ));
+    }
+    Ok(p.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn images() -> ImagesConfig {
+        let mut i = ImagesConfig::default();
+        i.local.insert("base".into(), "/img/base.erofs".into());
+        i
+    }
+
+    fn spec(c: SandboxConfig) -> Result<SandboxSpec, SpecError> {
+        SandboxSpec::from_config(&c, &Limits::default(), &images())
+    }
+
+    #[test]
+    fn defaults_fill_absent_fields() {
+        let s = spec(SandboxConfig::default()).unwrap();
+        assert_eq!(
+            (s.memory_mib, s.cpus, s.shell.as_str()),
+            (512, 1, "/bin/sh")
+        );
+        assert_eq!(s.image_disk, PathBuf::from("/img/base.erofs"));
+    }
+
+    #[test]
+    fn values_over_limits_are_refused_not_lowered() {
+        let e = spec(SandboxConfig {
+            memory_mib: Some(1 << 20),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.0.contains("memory") && e.0.contains("4096"), "{e}");
+        let e = spec(SandboxConfig {
+            cpus: Some(64),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.0.contains("cpus"), "{e}");
+        let e = spec(SandboxConfig {
+            cpus: Some(0),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.0.contains("cpus"), "{e}");
+    }
+
+    #[test]
+    fn unknown_image_lists_the_available_ones() {
+        let e = spec(SandboxConfig {
+            image: Some("python:3.12".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.0.contains("python:3.12") && e.0.contains("base"), "{e}");
+    }
+
+    #[test]
+    fn unsupported_fields_are_refused_with_the_field_name() {
+        let e = spec(SandboxConfig {
+            ports: vec!["8080:80".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.0.contains("ports"), "{e}");
+        let e = spec(SandboxConfig {
+            volumes: vec!["a:/b".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.0.contains("volumes"), "{e}");
+    }
+
+    #[test]
+    fn envs_and_paths_are_checked() {
+        assert!(check_env("A_1=x=y").is_ok());
+        assert!(check_env("=x").is_err());
+        assert!(check_env("1A=x").is_err());
+        assert!(check_env("NOVALUE").is_err());
+        assert!(check_env("A-B=1").is_err());
+        assert!(check_path("workdir", "/work/dir").is_ok());
+        assert!(check_path("workdir", "relative").is_err());
+        assert!(check_path("workdir", "/a/../b").is_err());
+        assert!(check_path("workdir", "/a\0b").is_err());
+    }
+}

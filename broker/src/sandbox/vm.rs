@@ -1,0 +1,341 @@
+//! One running VM: how it is launched (slot, directory, writable disk,
+//! cgroup, jailed VM process, console, agent handshake) and how it is torn
+//! down. Every step that allocates something is undone by [`VmResources`] on
+//! any failure, so a failed start leaves no process, cgroup, disk or socket.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+use moat_proto::agent::{host_message, Shutdown};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::{timeout, Instant};
+
+use crate::agent::AgentClient;
+use crate::cgroups::{Cgroup, CgroupLimits, CgroupManager};
+use crate::config::BrokerConfig;
+use crate::console::ConsoleLog;
+use crate::disk::create_writable_disk;
+use crate::error::BrokerError;
+use crate::jail::{self, JailSpec};
+use crate::slots::{Slot, SlotAllocator};
+use crate::vmm::{VmSpec, Vmm};
+
+use super::spec::SandboxSpec;
+
+/// Bytes of console output kept per VM.
+const CONSOLE_BYTES: usize = 64 << 10;
+/// Console lines quoted in a failed start's error.
+const CONSOLE_LINES_IN_ERRORS: usize = 15;
+
+/// What every launch shares.
+#[derive(Debug)]
+pub struct LaunchContext {
+    pub config: Arc<BrokerConfig>,
+    pub vmm: Arc<dyn Vmm>,
+    pub cgroups: CgroupManager,
+    pub slots: SlotAllocator,
+    pub running: Arc<Semaphore>,
+    pub initramfs: PathBuf,
+}
+
+impl LaunchContext {
+    /// Directory holding per-VM directories.
+    pub fn vms_dir(&self) -> PathBuf {
+        self.config.state_dir.join("vms")
+    }
+}
+
+/// How the VM process ended, once it has.
+pub type ExitWatch = watch::Receiver<Option<String>>;
+
+/// A VM whose guest agent answered.
+#[derive(Debug)]
+pub struct RunningVm {
+    pub spec: SandboxSpec,
+    pub agent: AgentClient,
+    pub exit: ExitWatch,
+    pub console: ConsoleLog,
+    pub pid: Option<u32>,
+    pub kernel_release: String,
+    resources: VmResources,
+}
+
+/// What a VM holds on the host; released exactly once.
+#[derive(Debug)]
+struct VmResources {
+    slot: Slot,
+    dir: PathBuf,
+    cgroup: Option<Cgroup>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl VmResources {
+    /// Kills whatever is left in the cgroup, removes it, the VM directory
+    /// (disk, sockets) and frees the slot.
+    async fn release(self, ctx: &LaunchContext) -> Result<(), BrokerError> {
+        let mut problems = Vec::new();
+        if let Some(cg) = self.cgroup {
+            match tokio::task::spawn_blocking(move || cg.remove()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => problems.push(e.to_string()),
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        match tokio::fs::remove_dir_all(&self.dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => problems.push(format!("remove {}: {e}", self.dir.display())),
+        }
+        if problems.is_empty() {
+            ctx.slots.release(self.slot);
+            Ok(())
+        } else {
+            // The slot stays taken: its uid may still own something.
+            Err(BrokerError::Failed(format!(
+                "cleanup incomplete: {}",
+                problems.join("; ")
+            )))
+        }
+    }
+}
+
+fn describe_exit(status: std::io::Result<ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("VM process exited with status {code}"),
+            (_, Some(9)) => "VM process was killed by SIGKILL (out of memory for its cgroup, or killed by the broker)".into(),
+            (_, Some(sig)) => format!("VM process was killed by signal {sig}"),
+            _ => "VM process ended".into(),
+        },
+        Err(e) => format!("VM process could not be waited for: {e}"),
+    }
+}
+
+/// Waits until the VM process has exited (returns at once if it has).
+pub async fn wait_exit(mut exit: ExitWatch) -> String {
+    loop {
+        if let Some(s) = exit.borrow_and_update().clone() {
+            return s;
+        }
+        if exit.changed().await.is_err() {
+            return "VM process state unknown".into();
+        }
+    }
+}
+
+/// Launches a VM for `spec` and waits for its agent.
+pub async fn launch(
+    ctx: &LaunchContext,
+    hostname: &str,
+    spec: SandboxSpec,
+) -> Result<RunningVm, BrokerError> {
+    let limits = &ctx.config.limits;
+    let permit = ctx.running.clone().try_acquire_owned().map_err(|_| {
+        BrokerError::Busy(format!(
+            "{} sandboxes are already running, the server's limit; stop one or retry later",
+            limits.max_sandboxes
+        ))
+    })?;
+    let slot = ctx.slots.take().ok_or_else(|| {
+        BrokerError::Busy("no free sandbox uid; stop a sandbox or retry later".into())
+    })?;
+    let dir = ctx.vms_dir().join(slot.index.to_string());
+    let mut res = VmResources {
+        slot,
+        dir,
+        cgroup: None,
+        _permit: permit,
+    };
+    match boot(ctx, hostname, spec, &mut res).await {
+        Ok(parts) => Ok(RunningVm {
+            spec: parts.spec,
+            agent: parts.agent,
+            exit: parts.exit,
+            console: parts.console,
+            pid: parts.pid,
+            kernel_release: parts.kernel_release,
+            resources: res,
+        }),
+        Err(e) => {
+            if let Err(cleanup) = res.release(ctx).await {
+                tracing::error!(%cleanup, "cleanup after failed start");
+            }
+            Err(e)
+        }
+    }
+}
+
+struct Booted {
+    spec: SandboxSpec,
+    agent: AgentClient,
+    exit: ExitWatch,
+    console: ConsoleLog,
+    pid: Option<u32>,
+    kernel_release: String,
+}
+
+async fn boot(
+    ctx: &LaunchContext,
+    hostname: &str,
+    spec: SandboxSpec,
+    res: &mut VmResources,
+) -> Result<Booted, BrokerError> {
+    let cfg = &ctx.config;
+    let limits = &cfg.limits;
+    let fail = |what: &str, e: &dyn std::fmt::Display| BrokerError::Failed(format!("{what}: {e}"));
+    let uid = res.slot.uid;
+
+    // A leftover directory of this slot (crash) is removed first.
+    let _ = tokio::fs::remove_dir_all(&res.dir).await;
+    make_private_dir(&res.dir, uid).map_err(|e| fail("cannot create the VM directory", &e))?;
+    let writable = res.dir.join("rw.ext4");
+    create_writable_disk(&writable, limits.writable_disk_mib, uid, uid)
+        .await
+        .map_err(|e| fail("cannot create the writable disk", &e))?;
+
+    let cg_limits = CgroupLimits {
+        memory_bytes: (u64::from(spec.memory_mib) + u64::from(limits.vmm_overhead_mib)) << 20,
+        cpus: spec.cpus,
+        pids_max: limits.vmm_pids_max,
+    };
+    let cgroup = ctx
+        .cgroups
+        .create(&format!("vm-{}", res.slot.index), &cg_limits)
+        .map_err(|e| fail("cannot create the sandbox cgroup", &e))?;
+    let procs = cgroup.procs_files();
+    res.cgroup = Some(cgroup);
+
+    let agent_socket = res.dir.join("agent.sock");
+    let vm_spec = VmSpec {
+        kernel: cfg.boot.kernel.clone(),
+        initramfs: ctx.initramfs.clone(),
+        image_disk: spec.image_disk.clone(),
+        writable_disk: writable,
+        agent_socket: agent_socket.clone(),
+        memory_mib: spec.memory_mib,
+        cpus: spec.cpus,
+        hostname: hostname.to_string(),
+    };
+    let plan = ctx.vmm.launch_plan(&vm_spec);
+    let jail = JailSpec {
+        uid,
+        gid: uid,
+        extra_groups: ctx.vmm.extra_groups(),
+        cgroup_procs: procs,
+        dir: res.dir.clone(),
+    };
+    let started = Instant::now();
+    let mut child = jail::spawn(&plan, &jail).map_err(|e| fail("cannot start the VM", &e))?;
+    let pid = child.id();
+    let console = ConsoleLog::new(CONSOLE_BYTES);
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(console.clone().follow(out));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(console.clone().follow(err));
+    }
+    let (exit_tx, exit_rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let status = child.wait().await;
+        let _ = exit_tx.send(Some(describe_exit(status)));
+    });
+
+    let boot_timeout = Duration::from_secs(u64::from(limits.boot_timeout_secs));
+    let deadline = started + boot_timeout;
+    let handshake = AgentClient::connect(
+        &agent_socket,
+        limits.max_agent_frame_bytes as usize,
+        deadline,
+    );
+    let outcome = tokio::select! {
+        r = handshake => r.map_err(|e| match e {
+            crate::agent::AgentError::Timeout(_) => format!("the guest did not come up within {boot_timeout:?} (limits.boot_timeout_secs)"),
+            other => format!("the guest agent did not answer: {other}"),
+        }),
+        status = wait_exit(exit_rx.clone()) => Err(format!("{status} during boot")),
+    };
+    match outcome {
+        Ok((agent, hello)) => {
+            tracing::info!(
+                sandbox = hostname,
+                pid,
+                uid,
+                boot_ms = started.elapsed().as_millis() as u64,
+                kernel = %hello.kernel_release,
+                "guest agent ready"
+            );
+            Ok(Booted {
+                spec,
+                agent,
+                exit: exit_rx,
+                console,
+                pid,
+                kernel_release: hello.kernel_release,
+            })
+        }
+        Err(cause) => {
+            if let Some(cg) = &res.cgroup {
+                cg.kill_all();
+            }
+            let _ = timeout(Duration::from_secs(5), wait_exit(exit_rx)).await;
+            let tail = console.tail(CONSOLE_LINES_IN_ERRORS);
+            Err(BrokerError::Failed(format!(
+                "sandbox {hostname} failed to start: {cause}; console: {}",
+                if tail.is_empty() {
+                    "(empty)".to_string()
+                } else {
+                    tail
+                }
+            )))
+        }
+    }
+}
+
+/// Creates `dir` mode 0700 owned by `uid:uid` (and its parents as root 0711).
+fn make_private_dir(dir: &Path, uid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(parent)?;
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711))?;
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+    std::os::unix::fs::chown(dir, Some(uid), Some(uid))
+}
+
+impl RunningVm {
+    /// Stops the VM: asks the guest to power off, kills the VM process after
+    /// `grace`, then releases everything it held.
+    pub async fn stop(self, ctx: &LaunchContext, grace: Duration) -> Result<(), BrokerError> {
+        if self.exit.borrow().is_none() {
+            let _ = self
+                .agent
+                .notify(host_message::Body::Shutdown(Shutdown {}))
+                .await;
+            if timeout(grace, wait_exit(self.exit.clone())).await.is_err() {
+                tracing::warn!(
+                    pid = self.pid,
+                    "guest did not power off within {grace:?}; killing the VM process"
+                );
+                if let Some(cg) = &self.resources.cgroup {
+                    cg.kill_all();
+                }
+                let _ = timeout(Duration::from_secs(10), wait_exit(self.exit.clone())).await;
+            }
+        }
+        self.resources.release(ctx).await
+    }
+
+    /// Memory the VM's cgroup is charged now and at its peak, bytes.
+    pub fn cgroup_memory(&self) -> (Option<u64>, Option<u64>) {
+        match &self.resources.cgroup {
+            Some(cg) => (cg.memory_bytes(), cg.memory_peak_bytes()),
+            None => (None, None),
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! VM backends. A backend turns a [`VmSpec`] (kernel, initramfs, disks, agent
+//! socket, size) into a [`LaunchPlan`]: the program and arguments of the one
+//! process that runs this VM. The jail then spawns that process; backends
+//! never spawn anything themselves. QEMU `microvm` is implemented here; the
+//! libkrun runner (`moat-vmm`) fits the same shape.
+
+pub mod accel;
+mod qemu;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+pub use accel::{detect_accel, Accel};
+pub use qemu::Qemu;
+
+/// Everything one VM needs, as paths inside the VM's view of the host.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// Read-only root image (erofs/ext4), guest serial `moat-image`.
+    pub image_disk: PathBuf,
+    /// Per-sandbox writable disk (ext4), guest serial `moat-rw`.
+    pub writable_disk: PathBuf,
+    /// Unix socket the VMM listens on for the agent channel.
+    pub agent_socket: PathBuf,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Guest hostname (a validated sandbox name).
+    pub hostname: String,
+}
+
+/// The VM process to spawn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchPlan {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+/// A VM backend: one process per VM.
+pub trait Vmm: Send + Sync + std::fmt::Debug {
+    /// Short description for logs and health ("qemu-microvm (tcg: ...)").
+    fn describe(&self) -> String;
+    /// Supplementary groups the VM process needs (e.g. the owner of /dev/kvm).
+    fn extra_groups(&self) -> Vec<u32>;
+    /// The command line that runs `spec`.
+    fn launch_plan(&self, spec: &VmSpec) -> LaunchPlan;
+}
+
+/// Guest kernel command line shared by all backends.
+pub fn kernel_cmdline(spec: &VmSpec) -> String {
+    // reboot=t: a guest reboot exits the VMM at once; panic=-1: a kernel
+    // panic reboots (and so exits) instead of hanging. No "--": QEMU appends
+    // virtio_mmio device words after ours.
+    format!(
+        "console=ttyS0 reboot=t panic=-1 quiet loglevel=4 MOAT_HOSTNAME={}",
+        spec.hostname
+    )
+}

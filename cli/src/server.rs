@@ -1,0 +1,206 @@
+//! `moat server start`: supervises moat-broker and moat-gateway. Both run in
+//! their own process groups; the CLI forwards SIGINT/SIGTERM to them, waits
+//! for the broker to stop its sandboxes (bounded), and stops the survivor if
+//! either one dies.
+
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use moat_broker::config::BrokerConfig;
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::unistd::Pid;
+
+#[derive(Subcommand, Debug)]
+pub enum ServerCommand {
+    /// Start broker and gateway in the foreground until Ctrl-C / SIGTERM.
+    Start(StartArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StartArgs {
+    /// Development mode: no API keys, gateway bound to loopback only.
+    #[arg(long)]
+    dev: bool,
+    /// Gateway port.
+    #[arg(long, default_value_t = 5555)]
+    port: u16,
+    /// Gateway address (must be loopback in --dev mode).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Broker configuration (names the gateway's uid, boot files, images, limits).
+    #[arg(
+        long,
+        env = "MOAT_BROKER_CONFIG",
+        default_value = "/etc/moat/broker.toml"
+    )]
+    broker_config: PathBuf,
+    /// How long to wait for the broker to stop its sandboxes on shutdown.
+    #[arg(long, default_value_t = 60)]
+    stop_timeout_secs: u64,
+}
+
+pub fn run(cmd: ServerCommand) -> Result<()> {
+    match cmd {
+        ServerCommand::Start(args) => start(args),
+    }
+}
+
+/// Path of a sibling binary installed next to `moat`.
+fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the moat binary")?;
+    let path = exe.with_file_name(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found next to {}: build or install it",
+            name,
+            exe.display()
+        );
+    }
+    Ok(path)
+}
+
+fn start(args: StartArgs) -> Result<()> {
+    if !args.dev {
+        bail!("API keys are not implemented yet: run `moat server start --dev` (loopback only)");
+    }
+    if !args.host.is_loopback() {
+        bail!("--dev runs without API keys, so it only binds to loopback; {} is not a loopback address", args.host);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("moat server start must run as root: the broker needs root, the gateway is dropped to an unprivileged user");
+    }
+    let config = BrokerConfig::load(&args.broker_config)?;
+    config.validate()?;
+    let broker_bin = sibling("moat-broker")?;
+    let gateway_bin = sibling("moat-gateway")?;
+
+    // Signals are handled synchronously with sigwait; children start with an
+    // empty signal mask (std resets it).
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGCHLD] {
+        signals.add(s);
+    }
+    signals.thread_block()?;
+
+    eprintln!("moat: starting broker ({})", broker_bin.display());
+    let _ = std::fs::remove_file(&config.socket);
+    let mut broker = Command::new(&broker_bin)
+        .arg("--config")
+        .arg(&args.broker_config)
+        .process_group(0)
+        .spawn()
+        .context("starting moat-broker")?;
+    let ready = wait_until(
+        Duration::from_secs(30),
+        || socket_ready(&config.socket),
+        &mut broker,
+    );
+    if let Err(e) = ready {
+        stop(&mut broker, "broker", Duration::from_secs(10));
+        return Err(e.context("the broker did not come up"));
+    }
+
+    let listen = SocketAddr::new(args.host, args.port);
+    eprintln!(
+        "moat: starting gateway on http://{listen} as uid {} (DEV MODE: no API keys)",
+        config.gateway_uid
+    );
+    let mut gateway = Command::new(&gateway_bin)
+        .args(["--dev", "--listen", &listen.to_string(), "--broker-socket"])
+        .arg(&config.socket)
+        .env_clear()
+        .envs(std::env::vars().filter(|(k, _)| k == "MOAT_LOG" || k == "RUST_LOG" || k == "PATH"))
+        .uid(config.gateway_uid)
+        .gid(config.gateway_gid)
+        .current_dir("/")
+        .process_group(0)
+        .spawn()
+        .context("starting moat-gateway")?;
+    if let Err(e) = wait_until(
+        Duration::from_secs(30),
+        || TcpStream::connect(listen).is_ok(),
+        &mut gateway,
+    ) {
+        stop(&mut gateway, "gateway", Duration::from_secs(10));
+        stop(
+            &mut broker,
+            "broker",
+            Duration::from_secs(args.stop_timeout_secs),
+        );
+        return Err(e.context("the gateway did not come up"));
+    }
+    eprintln!("moat: ready at http://{listen}/api/v1 (Ctrl-C to stop)");
+
+    let code = loop {
+        let sig = signals.wait()?;
+        match sig {
+            Signal::SIGINT | Signal::SIGTERM => {
+                eprintln!("moat: {sig} received, stopping");
+                break 0;
+            }
+            _ => {
+                if let Ok(Some(st)) = broker.try_wait() {
+                    eprintln!("moat: broker exited ({st}); stopping the gateway");
+                    break 1;
+                }
+                if let Ok(Some(st)) = gateway.try_wait() {
+                    eprintln!("moat: gateway exited ({st}); stopping the broker");
+                    break 1;
+                }
+            }
+        }
+    };
+    stop(&mut gateway, "gateway", Duration::from_secs(10));
+    stop(
+        &mut broker,
+        "broker",
+        Duration::from_secs(args.stop_timeout_secs),
+    );
+    eprintln!("moat: stopped");
+    std::process::exit(code);
+}
+
+/// The broker binds its socket right before serving. (Connecting to test it
+/// would be refused, and logged, since only the gateway's uid may connect.)
+fn socket_ready(path: &Path) -> bool {
+    path.exists()
+}
+
+/// Polls `ready` until true, failing if `child` exits or time runs out.
+fn wait_until(limit: Duration, mut ready: impl FnMut() -> bool, child: &mut Child) -> Result<()> {
+    let start = Instant::now();
+    while !ready() {
+        if let Some(st) = child.try_wait()? {
+            bail!("process exited with {st}");
+        }
+        if start.elapsed() > limit {
+            bail!("not ready after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// SIGTERM, wait up to `grace`, then SIGKILL.
+fn stop(child: &mut Child, what: &str, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let pid = Pid::from_raw(child.id() as i32);
+    let _ = kill(pid, Signal::SIGTERM);
+    let start = Instant::now();
+    while start.elapsed() < grace {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("moat: {what} did not stop within {grace:?}; killing it");
+    let _ = child.kill();
+    let _ = child.wait();
+}

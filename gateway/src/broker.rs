@@ -1,0 +1,147 @@
+//! The gateway's only way to the privileged broker: a gRPC client
+//! (`moat.broker.v1.Broker`) over a Unix socket. It connects lazily (so the
+//! gateway starts, and answers health checks, before the broker is up),
+//! gives every call a deadline, and turns every failure into the wire error
+//! through [`crate::error::from_status`].
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use moat_proto::broker::broker_client::BrokerClient;
+use moat_proto::broker::{
+    HealthReply, HealthRequest, RunCommandReply, RunCommandRequest, StartSandboxReply,
+    StartSandboxRequest, StopSandboxReply, StopSandboxRequest,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{from_status, RpcError};
+
+/// A cheap-to-clone handle on the broker's gRPC service.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    client: BrokerClient<Channel>,
+    socket: Arc<PathBuf>,
+}
+
+impl Broker {
+    /// A client for the broker listening on `socket`. Nothing is connected
+    /// until the first call; a broker that is down makes calls fail with
+    /// `-32000` (HTTP 503), and a later call connects again. Must be called
+    /// inside a Tokio runtime.
+    pub fn connect_lazy(socket: impl Into<PathBuf>) -> Self {
+        let socket = Arc::new(socket.into());
+        let dial = Arc::clone(&socket);
+        // The URI is required by tonic but unused: the connector below dials
+        // the Unix socket whatever it is given.
+        let channel = Endpoint::from_static("http://[::]:50051").connect_with_connector_lazy(
+            tower::service_fn(move |_| {
+                let path = Arc::clone(&dial);
+                async move {
+                    let stream = tokio::net::UnixStream::connect(path.as_path()).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(stream))
+                }
+            }),
+        );
+        Broker {
+            client: BrokerClient::new(channel),
+            socket,
+        }
+    }
+
+    /// The broker socket this client dials.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// `Health`: does the broker answer?
+    pub async fn health(&self, deadline: Duration) -> Result<HealthReply, RpcError> {
+        let mut client = self.client.clone();
+        self.call(deadline, HealthRequest {}, |req| async move {
+            client.health(req).await
+        })
+        .await
+    }
+
+    /// `StartSandbox`.
+    pub async fn start_sandbox(
+        &self,
+        request: StartSandboxRequest,
+        deadline: Duration,
+    ) -> Result<StartSandboxReply, RpcError> {
+        let mut client = self.client.clone();
+        self.call(deadline, request, |req| async move {
+            client.start_sandbox(req).await
+        })
+        .await
+    }
+
+    /// `StopSandbox`.
+    pub async fn stop_sandbox(
+        &self,
+        request: StopSandboxRequest,
+        deadline: Duration,
+    ) -> Result<StopSandboxReply, RpcError> {
+        let mut client = self.client.clone();
+        self.call(deadline, request, |req| async move {
+            client.stop_sandbox(req).await
+        })
+        .await
+    }
+
+    /// `RunCommand`.
+    pub async fn run_command(
+        &self,
+        request: RunCommandRequest,
+        deadline: Duration,
+    ) -> Result<RunCommandReply, RpcError> {
+        let mut client = self.client.clone();
+        self.call(deadline, request, |req| async move {
+            client.run_command(req).await
+        })
+        .await
+    }
+
+    /// Runs one unary call with `deadline`: sent to the broker as
+    /// `grpc-timeout`, and enforced here too so a stuck connection cannot
+    /// hold a request forever.
+    async fn call<Req, Rep, F, Fut>(
+        &self,
+        deadline: Duration,
+        message: Req,
+        send: F,
+    ) -> Result<Rep, RpcError>
+    where
+        F: FnOnce(tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Rep>, tonic::Status>>,
+    {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(deadline);
+        let started = Instant::now();
+        let outcome = match tokio::time::timeout(deadline, send(request)).await {
+            Ok(outcome) => outcome,
+            Err(_elapsed) => Err(deadline_exceeded(deadline)),
+        };
+        outcome.map(tonic::Response::into_inner).map_err(|status| {
+            // tonic ends a call whose `grpc-timeout` passed with `Cancelled`,
+            // on either side of the socket (the broker's tonic enforces the
+            // header too): past the deadline, that is our deadline.
+            let status = if status.code() == tonic::Code::Cancelled && started.elapsed() >= deadline
+            {
+                deadline_exceeded(deadline)
+            } else {
+                status
+            };
+            from_status(&status, &self.socket)
+        })
+    }
+}
+
+fn deadline_exceeded(deadline: Duration) -> tonic::Status {
+    tonic::Status::deadline_exceeded(format!(
+        "no answer from the broker within {} s",
+        deadline.as_secs()
+    ))
+}

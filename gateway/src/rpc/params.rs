@@ -1,0 +1,431 @@
+//! Typed params for each served method, and their conversion into an
+//! [`Action`]: the broker's gRPC request plus what the result needs. Unknown
+//! fields, wrong types, missing fields and bad values are `-32602` with a
+//! message naming the field; the broker checks everything again and owns the
+//! operator's caps.
+
+use std::collections::HashMap;
+
+use moat_proto::broker::{
+    RunCommandRequest, SandboxConfig, SandboxRef, StartSandboxRequest, StopSandboxRequest,
+};
+use moat_proto::names::validate_name;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::methods::Method;
+use crate::error::RpcError;
+
+/// A validated request, ready for the broker.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Start(StartSandboxRequest),
+    Stop(StopSandboxRequest),
+    RunCommand(RunCommand),
+}
+
+/// `sandbox.command.run`: the broker request and how to shape its result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunCommand {
+    pub request: RunCommandRequest,
+    pub output_format: OutputFormat,
+}
+
+/// How `sandbox.command.run` returns `output`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    /// A list of `{"stream", "text"}` lines (what the microsandbox SDKs parse).
+    #[default]
+    Json,
+    /// The stdout text as one string (the reference's shape).
+    Text,
+}
+
+impl Action {
+    /// The sandbox the action is about.
+    pub fn target(&self) -> Option<&SandboxRef> {
+        match self {
+            Action::Start(r) => r.sandbox.as_ref(),
+            Action::Stop(r) => r.sandbox.as_ref(),
+            Action::RunCommand(r) => r.request.sandbox.as_ref(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartParams {
+    sandbox: String,
+    namespace: String,
+    config: Option<StartConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartConfig {
+    image: Option<String>,
+    memory: Option<u32>,
+    cpus: Option<u32>,
+    volumes: Option<Vec<String>>,
+    ports: Option<Vec<String>>,
+    envs: Option<Vec<String>>,
+    depends_on: Option<Vec<String>>,
+    workdir: Option<String>,
+    shell: Option<String>,
+    scripts: Option<HashMap<String, String>>,
+    exec: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StopParams {
+    sandbox: String,
+    namespace: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandRunParams {
+    sandbox: String,
+    namespace: String,
+    command: String,
+    args: Option<Vec<String>>,
+    timeout: Option<u32>,
+    output_format: Option<OutputFormat>,
+}
+
+/// Parses and checks the params of a served method.
+pub fn parse(method: Method, params: Option<Value>) -> Result<Action, RpcError> {
+    let invalid = |message: String| {
+        RpcError::invalid_params(format!("invalid params for {}: {message}", method.name()))
+    };
+    let params = match params {
+        None => Value::Object(Map::new()),
+        Some(object @ Value::Object(_)) => object,
+        Some(_) => {
+            return Err(invalid(
+                "params must be an object with named fields, not an array".to_owned(),
+            ))
+        }
+    };
+    match method {
+        Method::SandboxStart => {
+            let p: StartParams = deserialize(params).map_err(invalid)?;
+            let sandbox = sandbox_ref(&p.namespace, &p.sandbox).map_err(invalid)?;
+            let config = p.config.map(start_config).transpose().map_err(invalid)?;
+            Ok(Action::Start(StartSandboxRequest {
+                sandbox: Some(sandbox),
+                config,
+            }))
+        }
+        Method::SandboxStop => {
+            let p: StopParams = deserialize(params).map_err(invalid)?;
+            let sandbox = sandbox_ref(&p.namespace, &p.sandbox).map_err(invalid)?;
+            Ok(Action::Stop(StopSandboxRequest {
+                sandbox: Some(sandbox),
+            }))
+        }
+        Method::SandboxCommandRun => {
+            let p: CommandRunParams = deserialize(params).map_err(invalid)?;
+            let sandbox = sandbox_ref(&p.namespace, &p.sandbox).map_err(invalid)?;
+            if p.command.is_empty() {
+                return Err(invalid("command cannot be empty".to_owned()));
+            }
+            if p.timeout == Some(0) {
+                return Err(invalid(
+                    "timeout must be a positive integer (seconds)".to_owned(),
+                ));
+            }
+            Ok(Action::RunCommand(RunCommand {
+                request: RunCommandRequest {
+                    sandbox: Some(sandbox),
+                    command: p.command,
+                    args: p.args.unwrap_or_default(),
+                    timeout_secs: p.timeout,
+                },
+                output_format: p.output_format.unwrap_or_default(),
+            }))
+        }
+        Method::SandboxMetricsGet | Method::SandboxReplRun => Err(method.not_available()),
+    }
+}
+
+/// Deserializes params, naming the field at fault (`config.memory: ...`).
+fn deserialize<T: DeserializeOwned>(params: Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(params).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if path.is_empty() || path == "." {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        }
+    })
+}
+
+fn sandbox_ref(namespace: &str, sandbox: &str) -> Result<SandboxRef, String> {
+    validate_name("sandbox name", sandbox).map_err(|e| e.to_string())?;
+    validate_name("namespace", namespace).map_err(|e| e.to_string())?;
+    Ok(SandboxRef {
+        namespace: namespace.to_owned(),
+        name: sandbox.to_owned(),
+    })
+}
+
+fn start_config(c: StartConfig) -> Result<SandboxConfig, String> {
+    if c.memory == Some(0) {
+        return Err("config.memory must be a positive integer (MiB)".to_owned());
+    }
+    if c.cpus == Some(0) {
+        return Err("config.cpus must be a positive integer".to_owned());
+    }
+    let envs = c.envs.unwrap_or_default();
+    for (i, env) in envs.iter().enumerate() {
+        if !matches!(env.split_once('='), Some((key, _)) if !key.is_empty()) {
+            return Err(format!(
+                "config.envs[{i}] must be KEY=VALUE with a non-empty KEY; got {:?}",
+                shorten(env)
+            ));
+        }
+    }
+    let depends_on = c.depends_on.unwrap_or_default();
+    for (i, name) in depends_on.iter().enumerate() {
+        validate_name("sandbox name", name).map_err(|e| format!("config.depends_on[{i}]: {e}"))?;
+    }
+    Ok(SandboxConfig {
+        image: c.image,
+        memory_mib: c.memory,
+        cpus: c.cpus,
+        volumes: c.volumes.unwrap_or_default(),
+        ports: c.ports.unwrap_or_default(),
+        envs,
+        depends_on,
+        workdir: c.workdir,
+        shell: c.shell,
+        scripts: c.scripts.unwrap_or_default(),
+        exec: c.exec,
+    })
+}
+
+/// At most 64 characters of a caller's value, for messages.
+fn shorten(value: &str) -> String {
+    const SHOWN: usize = 64;
+    if value.chars().count() <= SHOWN {
+        value.to_owned()
+    } else {
+        let head: String = value.chars().take(SHOWN).collect();
+        format!("{head}...")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+    use serde_json::json;
+
+    fn message(method: Method, params: Value) -> String {
+        let err = parse(method, Some(params)).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidParams, "{}", err.message());
+        err.message().to_owned()
+    }
+
+    #[test]
+    fn start_with_full_config_becomes_the_grpc_request() {
+        let action = parse(
+            Method::SandboxStart,
+            Some(json!({
+                "sandbox": "py", "namespace": "default",
+                "config": {
+                    "image": "microsandbox/python", "memory": 1024, "cpus": 2,
+                    "volumes": ["data:/data:ro"], "ports": [], "envs": ["DEBUG=true", "EMPTY="],
+                    "depends_on": ["db"], "workdir": "/workspace", "shell": "/bin/bash",
+                    "scripts": {"start": "python app.py"}, "exec": null
+                }
+            })),
+        )
+        .unwrap();
+        let Action::Start(req) = action else {
+            panic!("not a start")
+        };
+        let sandbox = req.sandbox.unwrap();
+        assert_eq!(
+            (sandbox.namespace.as_str(), sandbox.name.as_str()),
+            ("default", "py")
+        );
+        let config = req.config.unwrap();
+        assert_eq!(config.image.as_deref(), Some("microsandbox/python"));
+        assert_eq!(config.memory_mib, Some(1024));
+        assert_eq!(config.cpus, Some(2));
+        assert_eq!(config.envs, vec!["DEBUG=true", "EMPTY="]);
+        assert_eq!(config.depends_on, vec!["db"]);
+        assert_eq!(
+            config.scripts.get("start").map(String::as_str),
+            Some("python app.py")
+        );
+        assert_eq!(config.exec, None);
+    }
+
+    #[test]
+    fn start_without_config_has_no_config() {
+        let action = parse(
+            Method::SandboxStart,
+            Some(json!({"sandbox": "py", "namespace": "default"})),
+        )
+        .unwrap();
+        assert!(matches!(
+            action,
+            Action::Start(StartSandboxRequest { config: None, .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let msg = message(
+            Method::SandboxStart,
+            json!({"sandbox": "a", "namespace": "b", "config": {"imgae": "x"}}),
+        );
+        assert!(
+            msg.starts_with("invalid params for sandbox.start: "),
+            "{msg}"
+        );
+        assert!(msg.contains("unknown field `imgae`"), "{msg}");
+        let msg = message(
+            Method::SandboxStop,
+            json!({"sandbox": "a", "namespace": "b", "force": true}),
+        );
+        assert!(msg.contains("unknown field `force`"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let msg = message(
+            Method::SandboxStart,
+            json!({"sandbox": "a", "namespace": "b", "config": {"memory": "1G"}}),
+        );
+        assert!(msg.contains("config.memory"), "{msg}");
+        let msg = message(
+            Method::SandboxStart,
+            json!({"sandbox": "a", "namespace": "b", "config": {"cpus": -1}}),
+        );
+        assert!(msg.contains("config.cpus"), "{msg}");
+        let msg = message(
+            Method::SandboxCommandRun,
+            json!({"sandbox": "a", "namespace": "b", "command": "ls", "args": "-la"}),
+        );
+        assert!(msg.contains("args"), "{msg}");
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        let msg = message(Method::SandboxStop, json!({"sandbox": "a"}));
+        assert_eq!(
+            msg,
+            "invalid params for sandbox.stop: missing field `namespace`"
+        );
+        let err = parse(Method::SandboxStart, None).unwrap_err();
+        assert!(
+            err.message().contains("missing field `sandbox`"),
+            "{}",
+            err.message()
+        );
+    }
+
+    #[test]
+    fn array_params_are_refused() {
+        let msg = message(Method::SandboxStop, json!(["a", "b"]));
+        assert!(msg.contains("must be an object"), "{msg}");
+    }
+
+    #[test]
+    fn names_are_validated() {
+        let msg = message(
+            Method::SandboxStop,
+            json!({"sandbox": "a/b", "namespace": "x"}),
+        );
+        assert!(
+            msg.starts_with("invalid params for sandbox.stop: sandbox name"),
+            "{msg}"
+        );
+        let msg = message(
+            Method::SandboxStop,
+            json!({"sandbox": "a", "namespace": ""}),
+        );
+        assert!(msg.contains("namespace cannot be empty"), "{msg}");
+        let msg = message(
+            Method::SandboxStart,
+            json!({"sandbox": "a", "namespace": "x", "config": {"depends_on": ["../etc"]}}),
+        );
+        assert!(msg.contains("config.depends_on[0]"), "{msg}");
+    }
+
+    #[test]
+    fn config_values_are_checked() {
+        for (config, needle) in [
+            (json!({"memory": 0}), "config.memory"),
+            (json!({"cpus": 0}), "config.cpus"),
+            (json!({"memory": 1.5}), "config.memory"),
+            (json!({"envs": ["NOEQUALS"]}), "config.envs[0]"),
+            (json!({"envs": ["A=1", "=value"]}), "config.envs[1]"),
+        ] {
+            let msg = message(
+                Method::SandboxStart,
+                json!({"sandbox": "a", "namespace": "b", "config": config}),
+            );
+            assert!(msg.contains(needle), "{needle}: {msg}");
+        }
+    }
+
+    #[test]
+    fn command_run_params() {
+        let action = parse(
+            Method::SandboxCommandRun,
+            Some(json!({
+                "sandbox": "a", "namespace": "b", "command": "ls", "args": ["-la"],
+                "timeout": 5, "output_format": "text"
+            })),
+        )
+        .unwrap();
+        let Action::RunCommand(run) = action else {
+            panic!("not a command")
+        };
+        assert_eq!(run.request.command, "ls");
+        assert_eq!(run.request.args, vec!["-la"]);
+        assert_eq!(run.request.timeout_secs, Some(5));
+        assert_eq!(run.output_format, OutputFormat::Text);
+
+        let action = parse(
+            Method::SandboxCommandRun,
+            Some(json!({"sandbox": "a", "namespace": "b", "command": "ls"})),
+        )
+        .unwrap();
+        let Action::RunCommand(run) = action else {
+            panic!("not a command")
+        };
+        assert!(run.request.args.is_empty());
+        assert_eq!(run.request.timeout_secs, None);
+        assert_eq!(run.output_format, OutputFormat::Json);
+    }
+
+    #[test]
+    fn command_run_values_are_checked() {
+        let base = |extra: Value| {
+            let mut p = json!({"sandbox": "a", "namespace": "b", "command": "ls"});
+            if let (Value::Object(p), Value::Object(extra)) = (&mut p, extra) {
+                p.extend(extra);
+            }
+            p
+        };
+        let msg = message(Method::SandboxCommandRun, base(json!({"command": ""})));
+        assert!(msg.contains("command cannot be empty"), "{msg}");
+        let msg = message(Method::SandboxCommandRun, base(json!({"timeout": 0})));
+        assert!(msg.contains("timeout must be a positive integer"), "{msg}");
+        let msg = message(
+            Method::SandboxCommandRun,
+            base(json!({"output_format": "xml"})),
+        );
+        assert!(msg.contains("output_format"), "{msg}");
+    }
+}

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One-time host set-up for building, running and testing moat on Debian 12:
+# system packages, the unprivileged `moat` user the gateway runs as, the
+# guest kernel, the static guest agent, the base image, and a broker config
+# for development at build/broker.toml. Idempotent; long steps are cached
+# under /var/cache/moat.
+#
+# Usage: packaging/dev/setup.sh [debug|release]   (cargo profile of the host binaries)
+set -euo pipefail
+top=$(cd "$(dirname "$0")/../.." && pwd)
+profile=${1:-release}
+cd "$top"
+step() { echo "==> $*" >&2; }
+
+pkgs=(linux-source-6.1 qemu-system-x86 busybox-static erofs-utils e2fsprogs cpio bc flex bison
+      libelf-dev libssl-dev xz-utils libc6-dev gcc make)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  step "installing system packages: ${missing[*]}"
+  [ "$(id -u)" = 0 ] || { echo "setup: run as root to install packages" >&2; exit 1; }
+  apt-get update -q >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+fi
+
+if ! getent passwd moat >/dev/null; then
+  step "creating system user 'moat' (the gateway runs as it)"
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin moat
+fi
+
+step "guest kernel (cached; first build ~7 min on 2 cores)"
+kernel=$(packaging/kernel/build.sh)
+step "base image"
+image=$(packaging/images/build-base.sh)
+
+step "static guest agent"
+CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+  cargo build --release --locked -q -p moat-guest --target x86_64-unknown-linux-gnu
+agent="$top/target/x86_64-unknown-linux-gnu/release/moat-agent"
+file -b "$agent" 2>/dev/null | grep -q "static" || ldd "$agent" 2>&1 | grep -q "not a dynamic" \
+  || { echo "setup: $agent is not statically linked" >&2; exit 1; }
+
+step "host binaries ($profile)"
+if [ "$profile" = release ]; then
+  cargo build --release --locked -q -p moat-cli -p moat-broker -p moat-gateway
+else
+  cargo build --locked -q -p moat-cli -p moat-broker -p moat-gateway
+fi
+
+mkdir -p build
+install -m 0644 "$kernel" build/vmlinux
+install -m 0644 "$(dirname "$kernel")/release" build/kernel.release
+install -m 0755 "$agent" build/moat-agent
+install -m 0644 "$image" build/base.erofs
+uid=$(id -u moat); gid=$(id -g moat)
+cat > build/broker.toml <<CONF
+# Development broker config written by packaging/dev/setup.sh.
+socket = "/run/moat/broker.sock"
+gateway_uid = $uid
+gateway_gid = $gid
+state_dir = "/var/lib/moat"
+
+[boot]
+kernel = "$top/build/vmlinux"
+agent = "$top/build/moat-agent"
+
+[images]
+default = "base"
+
+[images.local]
+base = "$top/build/base.erofs"
+CONF
+step "ready: build/broker.toml"

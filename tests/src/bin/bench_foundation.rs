@@ -1,0 +1,71 @@
+//! Foundation benchmark: `sandbox.start` latency (request to response, a fresh
+//! sandbox each time), `sandbox.command.run` round trip for `true`, and the
+//! VM process's peak RSS — each over repeated runs, printed as median and p99.
+//!
+//! Usage (root, after `make setup`): `moat-bench-foundation [RUNS]`
+
+use std::time::{Duration, Instant};
+
+use moat_e2e::{peak_rss_kib, Server};
+use serde_json::json;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn report(name: &str, unit: &str, mut v: Vec<f64>) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "{name:<40} n={:<3} median={:>9.2} {unit}  p99={:>9.2} {unit}  min={:>9.2} {unit}",
+        v.len(),
+        percentile(&v, 0.5),
+        percentile(&v, 0.99),
+        v.first().copied().unwrap_or(f64::NAN)
+    );
+}
+
+fn main() {
+    let runs: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(10);
+    let s = Server::start();
+    let mut start_ms = Vec::new();
+    let mut rss_mib = Vec::new();
+    for i in 0..runs {
+        let name = format!("bench-{i}");
+        let t = Instant::now();
+        s.start_sandbox(&name, json!({"memory": 512}));
+        start_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        let r = s.run(&name, "true", &[]);
+        assert_eq!(r["exit_code"], 0);
+        if let Some((pid, _)) = s.vm_pids().first() {
+            if let Some(kib) = peak_rss_kib(*pid) {
+                rss_mib.push(kib as f64 / 1024.0);
+            }
+        }
+        s.stop_sandbox(&name);
+    }
+    s.start_sandbox("bench-rt", json!({}));
+    // Warm up the guest's page cache for `true`.
+    for _ in 0..3 {
+        s.run("bench-rt", "true", &[]);
+    }
+    let mut rt_ms = Vec::new();
+    for _ in 0..runs.max(10) * 3 {
+        let t = Instant::now();
+        let r = s.run("bench-rt", "true", &[]);
+        rt_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(r["exit_code"], 0);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    s.stop_sandbox("bench-rt");
+    println!("moat foundation benchmark ({runs} runs; QEMU accel as chosen by the broker)");
+    report("sandbox.start (request -> response)", "ms", start_ms);
+    report("command.run `true` round trip", "ms", rt_ms);
+    report("VM process peak RSS (VmHWM) after `true`", "MiB", rss_mib);
+}
