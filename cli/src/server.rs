@@ -89,12 +89,13 @@ fn start(args: StartArgs) -> Result<()> {
 
     eprintln!("moat: starting broker ({})", broker_bin.display());
     let _ = std::fs::remove_file(&config.socket);
-    let mut broker = Command::new(&broker_bin)
-        .arg("--config")
-        .arg(&args.broker_config)
-        .process_group(0)
-        .spawn()
-        .context("starting moat-broker")?;
+    let mut broker = supervised(
+        Command::new(&broker_bin)
+            .arg("--config")
+            .arg(&args.broker_config),
+    )
+    .spawn()
+    .context("starting moat-broker")?;
     let ready = wait_until(
         Duration::from_secs(30),
         || socket_ready(&config.socket),
@@ -110,7 +111,7 @@ fn start(args: StartArgs) -> Result<()> {
         "moat: starting gateway on http://{listen} as uid {} (DEV MODE: no API keys)",
         config.gateway_uid
     );
-    let mut gateway = Command::new(&gateway_bin)
+    let mut gateway = supervised(&mut Command::new(&gateway_bin))
         .args(["--dev", "--listen", &listen.to_string(), "--broker-socket"])
         .arg(&config.socket)
         .env_clear()
@@ -118,7 +119,6 @@ fn start(args: StartArgs) -> Result<()> {
         .uid(config.gateway_uid)
         .gid(config.gateway_gid)
         .current_dir("/")
-        .process_group(0)
         .spawn()
         .context("starting moat-gateway")?;
     if let Err(e) = wait_until(
@@ -163,6 +163,33 @@ fn start(args: StartArgs) -> Result<()> {
     );
     eprintln!("moat: stopped");
     std::process::exit(code);
+}
+
+/// Prepares a child of the supervisor: its own process group (Ctrl-C in the
+/// terminal reaches only the CLI, which forwards it), the signal mask the CLI
+/// blocked for `sigwait` cleared again, and SIGTERM if the CLI dies, so
+/// neither daemon outlives its supervisor.
+fn supervised(cmd: &mut Command) -> &mut Command {
+    cmd.process_group(0);
+    // SAFETY: runs in the forked child before exec; only async-signal-safe
+    // calls (sigprocmask, prctl, getppid, kill) on stack values.
+    unsafe {
+        cmd.pre_exec(|| {
+            let empty = SigSet::empty();
+            nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&empty),
+                None,
+            )?;
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() == 1 {
+                libc::kill(libc::getpid(), libc::SIGTERM);
+            }
+            Ok(())
+        })
+    }
 }
 
 /// The broker binds its socket right before serving. (Connecting to test it

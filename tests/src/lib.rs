@@ -391,6 +391,64 @@ pub fn peak_rss_kib(pid: i32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+impl Server {
+    /// Pid of the `moat server start` supervisor.
+    pub fn supervisor_pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// (pid, uid, name) of the supervisor's children (broker, gateway).
+    pub fn daemons(&self) -> Vec<(i32, u32, String)> {
+        let Some(sup) = self.supervisor_pid() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(status) = fs::read_to_string(e.path().join("status")) else {
+                continue;
+            };
+            let field = |k: &str| {
+                status
+                    .lines()
+                    .find(|l| l.starts_with(k))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .map(str::to_string)
+            };
+            if field("PPid:").and_then(|p| p.parse::<i32>().ok()) == Some(sup)
+                && field("State:").as_deref() != Some("Z")
+            {
+                let uid = field("Uid:")
+                    .and_then(|u| u.parse().ok())
+                    .unwrap_or(u32::MAX);
+                out.push((pid, uid, field("Name:").unwrap_or_default()));
+            }
+        }
+        out
+    }
+
+    /// Sends SIGTERM to the supervisor and waits for it to exit.
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {

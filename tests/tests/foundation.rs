@@ -352,3 +352,46 @@ fn output_lines_keep_their_text_and_streams() {
     s.stop_sandbox("lines");
     s.assert_no_leftovers();
 }
+
+#[test]
+fn server_runs_the_gateway_unprivileged_and_stops_everything_on_sigterm() {
+    let mut s = Server::start();
+    let daemons = s.daemons();
+    let moat_uid = nix::unistd::User::from_name("moat")
+        .unwrap()
+        .unwrap()
+        .uid
+        .as_raw();
+    let find = |name: &str| daemons.iter().find(|d| d.2 == name).cloned();
+    let broker = find("moat-broker").unwrap_or_else(|| panic!("{daemons:?}"));
+    let gateway = find("moat-gateway").unwrap_or_else(|| panic!("{daemons:?}"));
+    assert_eq!(broker.1, 0, "broker runs as root");
+    assert_eq!(gateway.1, moat_uid, "gateway dropped to the moat user");
+
+    s.start_sandbox("left-running", json!({}));
+    assert_eq!(s.vm_pids().len(), 1);
+    let status = s
+        .terminate(Duration::from_secs(60))
+        .expect("supervisor exits after SIGTERM");
+    assert!(status.success(), "{status}");
+    for (pid, _, name) in [broker, gateway] {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid),
+            "{name} still running"
+        );
+    }
+    s.assert_no_leftovers();
+    assert!(!s.socket.exists(), "broker socket left behind");
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(true)
+}
