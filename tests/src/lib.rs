@@ -381,6 +381,48 @@ pub fn processes_with_uids(uids: std::ops::Range<u32>) -> Vec<(i32, u32)> {
     out
 }
 
+/// (memory limit bytes, CPU quota as a fraction of one CPU) of the cgroup
+/// `pid` is in, read from the host's cgroupfs (v1 or v2).
+pub fn cgroup_limits(pid: i32) -> (u64, f64) {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("/proc/pid/cgroup");
+    let path_for = |controller: &str| {
+        text.lines().find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+            ctrls
+                .split(',')
+                .any(|c| c == controller)
+                .then(|| path.to_string())
+        })
+    };
+    let read = |p: String| {
+        fs::read_to_string(&p)
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .trim()
+            .to_string()
+    };
+    if let Some(mem) = path_for("memory") {
+        let limit = read(format!("/sys/fs/cgroup/memory{mem}/memory.limit_in_bytes"));
+        let cpu = path_for("cpu").expect("cpu cgroup");
+        let quota: f64 = read(format!("/sys/fs/cgroup/cpu{cpu}/cpu.cfs_quota_us"))
+            .parse()
+            .unwrap();
+        let period: f64 = read(format!("/sys/fs/cgroup/cpu{cpu}/cpu.cfs_period_us"))
+            .parse()
+            .unwrap();
+        (limit.parse().unwrap(), quota / period)
+    } else {
+        let path = path_for("").expect("v2 cgroup line");
+        let limit = read(format!("/sys/fs/cgroup{path}/memory.max"));
+        let cpu = read(format!("/sys/fs/cgroup{path}/cpu.max"));
+        let mut it = cpu
+            .split_whitespace()
+            .map(|v| v.parse::<f64>().unwrap_or(f64::INFINITY));
+        let (q, p) = (it.next().unwrap(), it.next().unwrap());
+        (limit.parse().unwrap(), q / p)
+    }
+}
+
 /// Peak resident set (VmHWM) of a process, KiB.
 pub fn peak_rss_kib(pid: i32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

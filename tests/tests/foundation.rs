@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use moat_e2e::{build_dir, lines_of, Options, Server};
+use moat_e2e::{build_dir, cgroup_limits, lines_of, Options, Server};
 use serde_json::{json, Value};
 
 fn kernel_release() -> String {
