@@ -44,6 +44,16 @@ pub struct BrokerConfig {
     pub limits: Limits,
     pub sandbox_ids: IdRange,
     pub cgroups: CgroupConfig,
+    pub testing: TestingConfig,
+}
+
+/// Switches for the project's own test suites; all off in production.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestingConfig {
+    /// Lets guest agents honour `moat-test-hook` commands that make them
+    /// misbehave on purpose (oversized frames, garbage, stalls).
+    pub agent_hooks: bool,
 }
 
 /// What every VM boots.
@@ -88,6 +98,8 @@ pub struct Limits {
     pub max_cpus: u32,
     /// Most sandboxes running at once on this broker.
     pub max_sandboxes: u32,
+    /// Most sandboxes running at once in one namespace.
+    pub max_sandboxes_per_namespace: u32,
     /// Size of each sandbox's writable disk (its disk quota).
     pub writable_disk_mib: u32,
     /// Host memory the VMM process itself needs on top of guest RAM; the
@@ -107,6 +119,17 @@ pub struct Limits {
     pub max_agent_frame_bytes: u32,
     /// Longest `command` + `args` + `envs` accepted, in bytes.
     pub max_request_bytes: u32,
+    /// Largest REPL cell accepted, in bytes.
+    pub max_code_bytes: u32,
+    /// Most `command.run`/`repl.run` calls in flight per sandbox; more are
+    /// refused (`-32000`) until one finishes.
+    pub max_calls_per_sandbox: u32,
+    /// Most `scripts` entries per sandbox; their total size counts against
+    /// `max_request_bytes`.
+    pub max_scripts: u32,
+    /// Output of the background `exec`/`start` process kept in the guest
+    /// (`/.sandbox/logs/background.log`).
+    pub background_log_bytes: u64,
 }
 
 /// Each running sandbox gets a unique uid/gid `base + slot`, slot < count.
@@ -140,6 +163,7 @@ impl Default for BrokerConfig {
             limits: Limits::default(),
             sandbox_ids: IdRange::default(),
             cgroups: CgroupConfig::default(),
+            testing: TestingConfig::default(),
         }
     }
 }
@@ -179,6 +203,7 @@ impl Default for Limits {
             default_cpus: 1,
             max_cpus: 4,
             max_sandboxes: 32,
+            max_sandboxes_per_namespace: 16,
             writable_disk_mib: 1024,
             vmm_overhead_mib: 256,
             vmm_pids_max: 256,
@@ -189,6 +214,10 @@ impl Default for Limits {
             max_output_bytes: 1 << 20,
             max_agent_frame_bytes: 16 << 20,
             max_request_bytes: 256 << 10,
+            max_code_bytes: 1 << 20,
+            max_calls_per_sandbox: 16,
+            max_scripts: 32,
+            background_log_bytes: 1 << 20,
         }
     }
 }
@@ -260,6 +289,7 @@ impl BrokerConfig {
             ("default_cpus", l.default_cpus),
             ("max_cpus", l.max_cpus),
             ("max_sandboxes", l.max_sandboxes),
+            ("max_sandboxes_per_namespace", l.max_sandboxes_per_namespace),
             ("writable_disk_mib", l.writable_disk_mib),
             ("vmm_pids_max", l.vmm_pids_max),
             ("boot_timeout_secs", l.boot_timeout_secs),
@@ -271,6 +301,8 @@ impl BrokerConfig {
             ("max_command_timeout_secs", l.max_command_timeout_secs),
             ("max_agent_frame_bytes", l.max_agent_frame_bytes),
             ("max_request_bytes", l.max_request_bytes),
+            ("max_code_bytes", l.max_code_bytes),
+            ("max_calls_per_sandbox", l.max_calls_per_sandbox),
         ] {
             if v == 0 {
                 return bad(format!("limits.{name} must be greater than 0"));
@@ -295,6 +327,11 @@ impl BrokerConfig {
             return bad(
                 "limits.max_output_bytes must be above 0 and below limits.max_agent_frame_bytes"
                     .into(),
+            );
+        }
+        if l.max_code_bytes >= l.max_agent_frame_bytes / 2 {
+            return bad(
+                "limits.max_code_bytes must be below half of limits.max_agent_frame_bytes".into(),
             );
         }
         if self.sandbox_ids.count == 0 || self.sandbox_ids.base < 1000 {

@@ -110,6 +110,9 @@ async fn run(config: BrokerConfig) -> Result<()> {
         running: Arc::new(tokio::sync::Semaphore::new(
             config.limits.max_sandboxes as usize,
         )),
+        namespaces: moat_broker::quota::NamespaceQuota::new(
+            config.limits.max_sandboxes_per_namespace,
+        ),
         initramfs,
     };
     let sandboxes = Arc::new(Sandboxes::new(ctx));

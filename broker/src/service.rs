@@ -6,13 +6,14 @@ use std::time::Instant;
 
 use moat_proto::broker::broker_server::Broker;
 use moat_proto::broker::{
-    HealthReply, HealthRequest, RunCommandReply, RunCommandRequest, StartSandboxReply,
-    StartSandboxRequest, StopSandboxReply, StopSandboxRequest,
+    Caller, GetMetricsReply, GetMetricsRequest, HealthReply, HealthRequest, RunCommandReply,
+    RunCommandRequest, RunReplReply, RunReplRequest, StartSandboxReply, StartSandboxRequest,
+    StopSandboxReply, StopSandboxRequest,
 };
 use tonic::{Request, Response, Status};
 
 use crate::error::BrokerError;
-use crate::sandbox::{CommandRequest, SandboxKey, Sandboxes};
+use crate::sandbox::{CommandRequest, MetricsFilter, ReplRequest, SandboxKey, Sandboxes};
 
 /// The `Broker` gRPC service.
 #[derive(Debug, Clone)]
@@ -27,16 +28,25 @@ impl BrokerService {
     }
 }
 
+/// The caller's key id for the audit log (bounded; the gateway's word only).
+fn key_id(caller: Option<&Caller>) -> String {
+    caller
+        .map(|c| c.key_id.chars().take(64).collect())
+        .unwrap_or_else(|| "-".into())
+}
+
 fn logged<T>(
     op: &str,
     key: &SandboxKey,
+    caller: Option<&Caller>,
     started: Instant,
     r: Result<T, BrokerError>,
 ) -> Result<T, Status> {
     let ms = started.elapsed().as_millis() as u64;
+    let key_id = key_id(caller);
     match &r {
-        Ok(_) => tracing::info!(op, sandbox = %key, ms, "ok"),
-        Err(e) => tracing::warn!(op, sandbox = %key, ms, error = %e, "failed"),
+        Ok(_) => tracing::info!(op, sandbox = %key, key_id, ms, "ok"),
+        Err(e) => tracing::warn!(op, sandbox = %key, key_id, ms, error = %e, "failed"),
     }
     r.map_err(Status::from)
 }
@@ -59,7 +69,7 @@ impl Broker for BrokerService {
         let req = req.into_inner();
         let key = SandboxKey::from_ref(req.sandbox.as_ref()).map_err(Status::from)?;
         let r = self.sandboxes.start(&key, req.config.as_ref()).await;
-        let started_vm = logged("start", &key, started, r)?;
+        let started_vm = logged("start", &key, req.caller.as_ref(), started, r)?;
         Ok(Response::new(StartSandboxReply {
             started: started_vm,
         }))
@@ -71,7 +81,8 @@ impl Broker for BrokerService {
     ) -> Result<Response<StopSandboxReply>, Status> {
         let started = Instant::now();
         let key = SandboxKey::from_ref(req.get_ref().sandbox.as_ref()).map_err(Status::from)?;
-        logged("stop", &key, started, self.sandboxes.stop(&key).await)?;
+        let r = self.sandboxes.stop(&key).await;
+        logged("stop", &key, req.get_ref().caller.as_ref(), started, r)?;
         Ok(Response::new(StopSandboxReply {}))
     }
 
@@ -82,12 +93,69 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let req = req.into_inner();
         let key = SandboxKey::from_ref(req.sandbox.as_ref()).map_err(Status::from)?;
+        let caller = req.caller.clone();
         let cmd = CommandRequest {
             command: req.command,
             args: req.args,
             timeout_secs: req.timeout_secs,
+            envs: req.envs,
+            workdir: req.workdir,
         };
         let r = self.sandboxes.run_command(&key, cmd).await;
-        Ok(Response::new(logged("command", &key, started, r)?))
+        Ok(Response::new(logged(
+            "command",
+            &key,
+            caller.as_ref(),
+            started,
+            r,
+        )?))
+    }
+
+    async fn run_repl(
+        &self,
+        req: Request<RunReplRequest>,
+    ) -> Result<Response<RunReplReply>, Status> {
+        let started = Instant::now();
+        let req = req.into_inner();
+        let key = SandboxKey::from_ref(req.sandbox.as_ref()).map_err(Status::from)?;
+        let caller = req.caller.clone();
+        let cell = ReplRequest {
+            language: req.language,
+            code: req.code,
+            timeout_secs: req.timeout_secs,
+        };
+        let r = self.sandboxes.run_repl(&key, cell).await;
+        Ok(Response::new(logged(
+            "repl",
+            &key,
+            caller.as_ref(),
+            started,
+            r,
+        )?))
+    }
+
+    async fn get_metrics(
+        &self,
+        req: Request<GetMetricsRequest>,
+    ) -> Result<Response<GetMetricsReply>, Status> {
+        let req = req.into_inner();
+        let bad = |e: moat_proto::names::NameError| Status::invalid_argument(e.to_string());
+        for ns in &req.namespaces {
+            moat_proto::names::validate_name("namespace", ns).map_err(bad)?;
+        }
+        if let Some(name) = &req.sandbox {
+            moat_proto::names::validate_name("sandbox name", name).map_err(bad)?;
+        }
+        let filter = MetricsFilter {
+            namespaces: (!req.all_namespaces).then(|| req.namespaces.clone()),
+            sandbox: req.sandbox.clone(),
+        };
+        let sandboxes = self.sandboxes.metrics(&filter).await;
+        tracing::debug!(
+            key_id = key_id(req.caller.as_ref()),
+            n = sandboxes.len(),
+            "metrics"
+        );
+        Ok(Response::new(GetMetricsReply { sandboxes }))
     }
 }

@@ -1,8 +1,9 @@
-//! `moat`: the operator CLI. `moat server start --dev` runs the broker (as
+//! `moat`: the operator CLI. `moat server start [--dev]` runs the broker (as
 //! root) and the gateway (dropped to the unprivileged user named by the
 //! broker config's `gateway_uid`) on this host, and stops both cleanly on
-//! Ctrl-C / SIGTERM.
+//! Ctrl-C / SIGTERM; `moat server keygen` / `revoke` manage API keys.
 
+mod keys;
 mod server;
 
 use anyhow::Result;

@@ -1,7 +1,10 @@
 //! `moat server start`: supervises moat-broker and moat-gateway. Both run in
 //! their own process groups; the CLI forwards SIGINT/SIGTERM to them, waits
 //! for the broker to stop its sandboxes (bounded), and stops the survivor if
-//! either one dies.
+//! either one dies. Without `--dev` the gateway requires API keys: the CLI
+//! creates the signing secret at first start (mode 0600, owned by the
+//! gateway's user) and hands the gateway its config file. Also the
+//! `keygen` / `revoke` subcommands (`crate::keys`).
 
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -12,6 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use moat_broker::config::BrokerConfig;
+use moat_gateway::auth::secret;
+
+use crate::keys::{self, KeygenArgs, RevokeArgs};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::unistd::Pid;
 
@@ -19,6 +25,10 @@ use nix::unistd::Pid;
 pub enum ServerCommand {
     /// Start broker and gateway in the foreground until Ctrl-C / SIGTERM.
     Start(StartArgs),
+    /// Make an API key (prints it; run as root on the server).
+    Keygen(KeygenArgs),
+    /// Revoke an API key by its id (the gateway picks it up without restart).
+    Revoke(RevokeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -26,12 +36,17 @@ pub struct StartArgs {
     /// Development mode: no API keys, gateway bound to loopback only.
     #[arg(long)]
     dev: bool,
-    /// Gateway port.
-    #[arg(long, default_value_t = 5555)]
-    port: u16,
-    /// Gateway address (must be loopback in --dev mode).
-    #[arg(long, default_value = "127.0.0.1")]
-    host: IpAddr,
+    /// Gateway port (default: the gateway config's `listen`, else 5555).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Gateway address (must be loopback in --dev mode; default: the
+    /// gateway config's `listen`, else 127.0.0.1).
+    #[arg(long)]
+    host: Option<IpAddr>,
+    /// Gateway config (TOML: keys, limits, CORS, proxies, metrics; default
+    /// /etc/moat/gateway.toml when it exists).
+    #[arg(long, env = "MOAT_GATEWAY_CONFIG")]
+    gateway_config: Option<PathBuf>,
     /// Broker configuration (names the gateway's uid, boot files, images, limits).
     #[arg(
         long,
@@ -47,6 +62,8 @@ pub struct StartArgs {
 pub fn run(cmd: ServerCommand) -> Result<()> {
     match cmd {
         ServerCommand::Start(args) => start(args),
+        ServerCommand::Keygen(args) => keys::keygen(args),
+        ServerCommand::Revoke(args) => keys::revoke(args),
     }
 }
 
@@ -65,17 +82,38 @@ fn sibling(name: &str) -> Result<PathBuf> {
 }
 
 fn start(args: StartArgs) -> Result<()> {
-    if !args.dev {
-        bail!("API keys are not implemented yet: run `moat server start --dev` (loopback only)");
-    }
-    if !args.host.is_loopback() {
-        bail!("--dev runs without API keys, so it only binds to loopback; {} is not a loopback address", args.host);
+    let (mut gateway_config, gateway_config_file) =
+        keys::gateway_config(args.gateway_config.as_ref())?;
+    let listen = SocketAddr::new(
+        args.host.unwrap_or(gateway_config.listen.ip()),
+        args.port.unwrap_or(gateway_config.listen.port()),
+    );
+    if args.dev && !listen.ip().to_canonical().is_loopback() {
+        bail!("--dev runs without API keys, so it only binds to loopback; {} is not a loopback address", listen.ip());
     }
     if !nix::unistd::geteuid().is_root() {
         bail!("moat server start must run as root: the broker needs root, the gateway is dropped to an unprivileged user");
     }
     let config = BrokerConfig::load(&args.broker_config)?;
     config.validate()?;
+    gateway_config.listen = listen;
+    gateway_config.dev = args.dev;
+    gateway_config.broker_socket = config.socket.clone();
+    gateway_config
+        .validate()
+        .context("invalid gateway config")?;
+    if !args.dev {
+        let path = &gateway_config.auth.secret_file;
+        let created = secret::ensure(path, Some((config.gateway_uid, config.gateway_gid)))
+            .context("preparing the API key secret")?;
+        if created {
+            eprintln!(
+                "moat: created the API key signing secret {} (mode 0600, uid {})",
+                path.display(),
+                config.gateway_uid
+            );
+        }
+    }
     let broker_bin = sibling("moat-broker")?;
     let gateway_bin = sibling("moat-gateway")?;
 
@@ -106,13 +144,24 @@ fn start(args: StartArgs) -> Result<()> {
         return Err(e.context("the broker did not come up"));
     }
 
-    let listen = SocketAddr::new(args.host, args.port);
     eprintln!(
-        "moat: starting gateway on http://{listen} as uid {} (DEV MODE: no API keys)",
-        config.gateway_uid
+        "moat: starting gateway on http://{listen} as uid {} ({})",
+        config.gateway_uid,
+        if args.dev {
+            "DEV MODE: no API keys"
+        } else {
+            "API keys required; make one with `moat server keygen`"
+        }
     );
-    let mut gateway = supervised(&mut Command::new(&gateway_bin))
-        .args(["--dev", "--listen", &listen.to_string(), "--broker-socket"])
+    let mut gateway_cmd = Command::new(&gateway_bin);
+    if args.dev {
+        gateway_cmd.arg("--dev");
+    }
+    if let Some(file) = &gateway_config_file {
+        gateway_cmd.arg("--config").arg(file);
+    }
+    let mut gateway = supervised(&mut gateway_cmd)
+        .args(["--listen", &listen.to_string(), "--broker-socket"])
         .arg(&config.socket)
         .env_clear()
         .envs(std::env::vars().filter(|(k, _)| k == "MOAT_LOG" || k == "RUST_LOG" || k == "PATH"))

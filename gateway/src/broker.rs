@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use hyper_util::rt::TokioIo;
 use moat_proto::broker::broker_client::BrokerClient;
 use moat_proto::broker::{
-    HealthReply, HealthRequest, RunCommandReply, RunCommandRequest, StartSandboxReply,
-    StartSandboxRequest, StopSandboxReply, StopSandboxRequest,
+    GetMetricsReply, GetMetricsRequest, HealthReply, HealthRequest, RunCommandReply,
+    RunCommandRequest, RunReplReply, RunReplRequest, StartSandboxReply, StartSandboxRequest,
+    StopSandboxReply, StopSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -100,6 +101,32 @@ impl Broker {
         let mut client = self.client.clone();
         self.call(deadline, request, |req| async move {
             client.run_command(req).await
+        })
+        .await
+    }
+
+    /// `RunRepl`.
+    pub async fn run_repl(
+        &self,
+        request: RunReplRequest,
+        deadline: Duration,
+    ) -> Result<RunReplReply, RpcError> {
+        let mut client = self.client.clone();
+        self.call(deadline, request, |req| async move {
+            client.run_repl(req).await
+        })
+        .await
+    }
+
+    /// `GetMetrics`.
+    pub async fn get_metrics(
+        &self,
+        request: GetMetricsRequest,
+        deadline: Duration,
+    ) -> Result<GetMetricsReply, RpcError> {
+        let mut client = self.client.clone();
+        self.call(deadline, request, |req| async move {
+            client.get_metrics(req).await
         })
         .await
     }

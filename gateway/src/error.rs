@@ -7,7 +7,9 @@
 use std::error::Error as _;
 use std::path::Path;
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
 use serde_json::{json, Value};
 use tonic::Code;
 
@@ -57,6 +59,7 @@ pub struct RpcError {
     status: StatusCode,
     message: String,
     data: Option<Value>,
+    retry_after_secs: Option<u64>,
 }
 
 impl RpcError {
@@ -66,6 +69,7 @@ impl RpcError {
             status,
             message: message.into(),
             data: None,
+            retry_after_secs: None,
         }
     }
 
@@ -128,6 +132,34 @@ impl RpcError {
         Self::new(ErrorCode::Auth, StatusCode::FORBIDDEN, message)
     }
 
+    /// `-32000`, HTTP 429 with `Retry-After`: over the key's rate or
+    /// concurrency limit.
+    pub fn rate_limited(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        let mut err = Self::new(ErrorCode::Server, StatusCode::TOO_MANY_REQUESTS, message);
+        err.retry_after_secs = Some(retry_after_secs);
+        err
+    }
+
+    /// `-32600`, HTTP 408: the client did not send its body in time.
+    pub fn body_timeout(secs: u64) -> Self {
+        Self::new(
+            ErrorCode::InvalidRequest,
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request body was not received within {secs} s"),
+        )
+    }
+
+    /// `-32600` with an HTTP status of the caller's choosing (MCP transport
+    /// errors: 400, 404, 405, 406).
+    pub fn transport(status: StatusCode, message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidRequest, status, message)
+    }
+
+    /// The `Retry-After` seconds of a 429.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after_secs
+    }
+
     /// Attaches structured detail, sent as `error.data`.
     pub fn with_data(mut self, data: Value) -> Self {
         self.data = Some(data);
@@ -156,6 +188,21 @@ impl RpcError {
             map.insert("data".to_owned(), data.clone());
         }
         error
+    }
+}
+
+impl IntoResponse for RpcError {
+    /// A response made of this error alone: its HTTP status, a JSON-RPC
+    /// error object with `id: null`, and `Retry-After` on a 429.
+    fn into_response(self) -> Response {
+        let body = json!({"jsonrpc": "2.0", "error": self.to_json(), "id": null});
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            if let Ok(value) = HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        response
     }
 }
 
@@ -365,6 +412,16 @@ mod tests {
             err.to_json(),
             json!({"code": -32602, "message": "bad", "data": {"field": "x"}})
         );
+    }
+
+    #[test]
+    fn rate_limited_is_429_with_retry_after() {
+        let response = RpcError::rate_limited("slow down", 3).into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "3");
+        let response = RpcError::unauthenticated("no").into_response();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert!(response.headers().get(header::RETRY_AFTER).is_none());
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! `moat-gateway`: parses the command line, checks the configuration, sets
-//! up logging, serves the router, and shuts down gracefully on SIGINT or
-//! SIGTERM (in-flight requests get a bounded time to finish).
+//! `moat-gateway`: reads the command line and config file, checks the
+//! configuration, sets up logging (text or JSON), serves the public router
+//! on TCP (and a Unix socket when configured) and `/metrics` on its own
+//! address when configured, and shuts down gracefully on SIGINT or SIGTERM
+//! (in-flight requests get a bounded time to finish).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -9,23 +11,39 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use moat_gateway::config::{Args, Config};
-use moat_gateway::{app, AppState};
+use moat_gateway::serve::{serve, Listener, ServeOptions};
+use moat_gateway::{app, metrics_app, AppState};
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::from(Args::parse());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let config = match Args::parse().into_config() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("moat-gateway: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if config.log.json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .init();
+    }
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
+            tracing::error!("{err:#}");
             eprintln!("moat-gateway: {err:#}");
             ExitCode::FAILURE
         }
@@ -42,32 +60,60 @@ async fn run(config: Config) -> anyhow::Result<()> {
             config.listen
         );
     }
+    let state = AppState::from_config(&config).context("cannot set up API keys")?;
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let state = AppState::from_config(&config);
-    tracing::info!(
-        listen = %config.listen,
-        broker_socket = %config.broker_socket.display(),
-        "moat-gateway serving"
-    );
+    let mut listeners = vec![(
+        Listener::Tcp(
+            tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?,
+        ),
+        app(state.clone()),
+    )];
+    if let Some(path) = &config.unix_socket {
+        let listener = Listener::bind_unix(path, config.unix_socket_mode)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        listeners.push((listener, app(state.clone())));
+    }
+    if let Some(addr) = config.metrics.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for /metrics on {addr}"))?;
+        listeners.push((Listener::Tcp(listener), metrics_app(state.clone())));
+    }
 
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    let serve = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down: no new connections; finishing in-flight requests");
-        let _ = stop_tx.send(true);
-    });
-    let grace = config.shutdown_grace;
-    tokio::select! {
-        served = serve => served.context("server failed")?,
-        () = grace_expired(&mut stop_rx, grace) => {
-            tracing::warn!(
-                grace_secs = grace.as_secs(),
-                "in-flight requests did not finish within the shutdown grace; exiting anyway"
-            );
-        }
+    let options = ServeOptions {
+        header_read_timeout: Duration::from_secs(config.timeouts.header_read_secs),
+        max_connections: config.limits.max_connections,
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut servers = tokio::task::JoinSet::new();
+    for (listener, router) in listeners {
+        tracing::info!(
+            listen = %listener.describe(),
+            broker_socket = %config.broker_socket.display(),
+            auth = if config.dev { "none (dev)" } else { "API keys" },
+            "moat-gateway serving"
+        );
+        servers.spawn(serve(listener, router, options, stop_rx.clone()));
+    }
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new connections; finishing in-flight requests");
+    let _ = stop_tx.send(true);
+    let grace = Duration::from_secs(config.timeouts.shutdown_grace_secs);
+    let drained = tokio::time::timeout(grace, async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "in-flight requests did not finish within the shutdown grace; exiting anyway"
+        );
+    }
+    if let Some(path) = &config.unix_socket {
+        let _ = std::fs::remove_file(path);
     }
     tracing::info!("moat-gateway stopped");
     Ok(())
@@ -96,12 +142,4 @@ async fn shutdown_signal() {
         }
         () = terminate => {}
     }
-}
-
-/// Resolves `grace` after shutdown began; never if it does not.
-async fn grace_expired(stop: &mut watch::Receiver<bool>, grace: Duration) {
-    if stop.wait_for(|stopping| *stopping).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-    tokio::time::sleep(grace).await;
 }

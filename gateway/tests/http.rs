@@ -1,94 +1,14 @@
-//! The gateway's HTTP surface driven through `app(...).oneshot(...)`, with
+//! The gateway's JSON-RPC surface (dev mode) driven through `app(...).oneshot(...)`, with
 //! the broker client pointed at a socket that does not exist: framing,
 //! validation and the broker-unreachable paths. Success paths against a real
 //! broker live in the project's end-to-end suite.
 
-use std::path::PathBuf;
+mod common;
 
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
-use axum::Router;
-use http_body_util::BodyExt;
-use moat_gateway::config::{Config, RpcLimits};
-use moat_gateway::{app, AppState};
+use common::{dev as gateway, dev_with, error_code, error_message, post, post_raw, send};
 use serde_json::{json, Value};
-use tower::ServiceExt;
-
-struct Gateway {
-    router: Router,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-fn gateway_with(limits: RpcLimits) -> Gateway {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("broker.sock");
-    let config = Config {
-        dev: true,
-        broker_socket: socket.clone(),
-        limits,
-        ..Config::default()
-    };
-    Gateway {
-        router: app(AppState::from_config(&config)),
-        socket,
-        _dir: dir,
-    }
-}
-
-fn gateway() -> Gateway {
-    gateway_with(RpcLimits::default())
-}
-
-struct Reply {
-    status: StatusCode,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
-    }
-}
-
-async fn send(gateway: &Gateway, request: Request<Body>) -> Reply {
-    let response = gateway.router.clone().oneshot(request).await.unwrap();
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
-        .to_vec();
-    Reply { status, body }
-}
-
-async fn post_raw(gateway: &Gateway, body: impl Into<Body>) -> Reply {
-    let request = Request::post("/api/v1/rpc")
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(body.into())
-        .unwrap();
-    send(gateway, request).await
-}
-
-async fn post(gateway: &Gateway, body: Value) -> Reply {
-    post_raw(gateway, body.to_string()).await
-}
-
-fn error_code(response: &Value) -> i64 {
-    response["error"]["code"]
-        .as_i64()
-        .unwrap_or_else(|| panic!("no error code: {response}"))
-}
-
-fn error_message(response: &Value) -> String {
-    response["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
-}
 
 #[tokio::test]
 async fn invalid_json_is_a_parse_error_with_null_id() {
@@ -153,10 +73,7 @@ async fn empty_batch_is_one_invalid_request() {
 
 #[tokio::test]
 async fn batch_over_the_limit_names_the_limit() {
-    let gw = gateway_with(RpcLimits {
-        max_batch: 2,
-        ..RpcLimits::default()
-    });
+    let gw = dev_with(|c| c.limits.max_batch = 2);
     let call = json!({"jsonrpc": "2.0", "method": "nope", "id": 1});
     let reply = post(&gw, json!([call, call, call])).await;
     assert_eq!(reply.status, StatusCode::OK);
@@ -173,7 +90,7 @@ async fn batch_answers_each_element_in_order_and_skips_notifications() {
         1,
         {"jsonrpc": "2.0", "method": "sandbox.stop", "params": {"sandbox": "x"}},
         {"jsonrpc": "2.0", "method": "sandbox.stop", "params": {"sandbox": "b/c", "namespace": "d"}, "id": 7},
-        {"jsonrpc": "2.0", "method": "sandbox.repl.run", "params": {}, "id": null},
+        {"jsonrpc": "2.0", "method": "sandbox.metrics.get", "params": {}, "id": null},
         {"jsonrpc": "2.0", "method": "sandbox.stop", "params": {"sandbox": "ok", "namespace": "default"}, "id": 9},
     ]);
     let reply = post(&gw, batch).await;
@@ -197,7 +114,7 @@ async fn batch_answers_each_element_in_order_and_skips_notifications() {
     );
     assert_eq!(
         (error_code(&responses[3]), &responses[3]["id"]),
-        (-32601, &Value::Null)
+        (-32602, &Value::Null)
     );
     // The broker is unreachable: the element says so, the batch is still 200.
     assert_eq!(
@@ -256,21 +173,22 @@ async fn unknown_method_is_named_with_the_available_ones() {
 }
 
 #[tokio::test]
-async fn later_methods_are_not_available_yet() {
+async fn metrics_get_checks_params_then_asks_the_broker() {
     let gw = gateway();
-    for method in ["sandbox.metrics.get", "sandbox.repl.run"] {
-        let reply = post(
-            &gw,
-            json!({"jsonrpc": "2.0", "method": method, "params": {}, "id": 1}),
-        )
-        .await;
-        let body = reply.json();
-        assert_eq!(error_code(&body), -32601);
-        assert_eq!(
-            error_message(&body),
-            format!("{method} is not available in this moat build yet")
-        );
-    }
+    let reply = post(
+        &gw,
+        json!({"jsonrpc": "2.0", "method": "sandbox.metrics.get", "params": {"namespace": "*"}, "id": 1}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error_code(&reply.json()), -32000);
+    let reply = post(
+        &gw,
+        json!({"jsonrpc": "2.0", "method": "sandbox.metrics.get", "params": {"namespace": "a b"}, "id": 2}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(error_code(&reply.json()), -32602);
 }
 
 #[tokio::test]
@@ -334,10 +252,7 @@ async fn bad_name_is_invalid_params_with_the_reason() {
 
 #[tokio::test]
 async fn body_over_the_limit_is_413_with_a_jsonrpc_error() {
-    let gw = gateway_with(RpcLimits {
-        max_body_bytes: 100,
-        ..RpcLimits::default()
-    });
+    let gw = dev_with(|c| c.limits.max_body_bytes = 100);
     let big = json!({"jsonrpc": "2.0", "method": "x".repeat(200), "id": 1}).to_string();
 
     // Without Content-Length: cut off while reading.
@@ -413,4 +328,28 @@ async fn rpc_only_accepts_post() {
     let request = Request::get("/api/v1/rpc").body(Body::empty()).unwrap();
     let reply = send(&gw, request).await;
     assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn repl_run_checks_language_and_params_before_the_broker() {
+    let gw = gateway();
+    let reply = post(
+        &gw,
+        json!({"jsonrpc": "2.0", "method": "sandbox.repl.run", "id": 1,
+               "params": {"sandbox": "a", "namespace": "default", "language": "cobol", "code": "1"}}),
+    )
+    .await;
+    let body = reply.json();
+    assert_eq!(error_code(&body), -32602);
+    assert!(error_message(&body).contains("cobol"), "{body}");
+    assert!(error_message(&body).contains("python"), "{body}");
+    let reply = post(
+        &gw,
+        json!({"jsonrpc": "2.0", "method": "sandbox.repl.run", "id": 2,
+               "params": {"sandbox": "a", "namespace": "default", "language": "python"}}),
+    )
+    .await;
+    let body = reply.json();
+    assert_eq!(error_code(&body), -32602);
+    assert!(error_message(&body).contains("code"), "{body}");
 }

@@ -2,7 +2,8 @@
 //! handles each request on its own thread and writes `GuestMessage` replies
 //! (same id) through one mutex-guarded writer. A host disconnect is not the
 //! end: the port reads 0 bytes until the host reconnects, so we back off and
-//! keep reading.
+//! keep reading. With test hooks on ([`crate::testhook`]), some `Exec`
+//! requests get deliberately broken replies instead.
 
 use std::fs::OpenOptions;
 use std::io::{self, BufReader, Read, Write};
@@ -19,8 +20,9 @@ use moat_proto::agent::{
 use moat_proto::frame::{self, FrameError};
 
 use crate::error::{Context, Result};
-use crate::exec;
 use crate::log::log;
+use crate::testhook;
+use crate::{exec, repl, setup};
 
 /// Largest frame accepted or sent.
 pub const MAX_FRAME: usize = 16 << 20;
@@ -51,6 +53,7 @@ pub struct Server<W> {
     max_in_flight: usize,
     max_frame: usize,
     shutdown: ShutdownHook,
+    test_hooks: bool,
 }
 
 /// Serves the virtio-serial port at `path` forever (returns only on error).
@@ -61,7 +64,13 @@ pub fn serve_port(path: &Path, shutdown: ShutdownHook) -> Result<()> {
         .open(path)
         .ctx(|| format!("open agent port {}", path.display()))?;
     let writer = port.try_clone().ctx(|| "duplicate the agent port fd")?;
-    let server = Arc::new(Server::new(writer, shutdown, MAX_FRAME, MAX_IN_FLIGHT));
+    let test_hooks = testhook::enabled_from_env();
+    if test_hooks {
+        log!("test hooks enabled ({}=1)", testhook::ENV);
+    }
+    let server = Arc::new(
+        Server::new(writer, shutdown, MAX_FRAME, MAX_IN_FLIGHT).with_test_hooks(test_hooks),
+    );
     server.serve(BufReader::with_capacity(64 * 1024, port), OnEof::Wait)
 }
 
@@ -89,21 +98,26 @@ fn hello_reply() -> HelloReply {
 pub fn dispatch(msg: HostMessage) -> GuestMessage {
     use guest_message::Body as Reply;
     use host_message::Body as Request;
-    let body = match msg.body {
-        Some(Request::Hello(_)) => Reply::Hello(hello_reply()),
-        Some(Request::Exec(req)) => match exec::run(&req) {
-            Ok(result) => Reply::Exec(result),
+    fn or_failure<T>(res: Result<T>, ok: impl FnOnce(T) -> Reply) -> Reply {
+        match res {
+            Ok(result) => ok(result),
             Err(e) => Reply::Failure(Failure {
                 message: e.to_string(),
             }),
-        },
+        }
+    }
+    let body = match msg.body {
+        Some(Request::Hello(_)) => Reply::Hello(hello_reply()),
+        Some(Request::Exec(req)) => or_failure(exec::run(&req), Reply::Exec),
+        Some(Request::Repl(req)) => or_failure(repl::run(&req), Reply::Repl),
+        Some(Request::Setup(req)) => or_failure(setup::run(&req), Reply::Setup),
         Some(Request::Shutdown(_)) => Reply::Failure(Failure {
             message: "shutdown is not a request with a reply".to_owned(),
         }),
         None => Reply::Failure(Failure {
             message: format!(
                 "empty or unknown request (this agent speaks protocol {PROTOCOL_VERSION}: \
-                 hello, exec, shutdown)"
+                 hello, exec, repl, setup, shutdown)"
             ),
         }),
     };
@@ -122,7 +136,14 @@ impl<W: Write + Send + 'static> Server<W> {
             max_in_flight,
             max_frame,
             shutdown,
+            test_hooks: false,
         }
+    }
+
+    /// Turns the test hooks ([`crate::testhook`]) on or off.
+    pub fn with_test_hooks(mut self, on: bool) -> Self {
+        self.test_hooks = on;
+        self
     }
 
     /// Reads and dispatches requests from `reader`. With [`OnEof::Wait`] it
@@ -190,6 +211,20 @@ impl<W: Write + Send + 'static> Server<W> {
             (self.shutdown)();
             return;
         }
+        if self.test_hooks {
+            if let Some(hook) = testhook::intercept(&msg) {
+                match hook {
+                    Ok(misbehaviour) => {
+                        log!("test hook {misbehaviour:?} for request {id}");
+                        if let Some(bytes) = misbehaviour.bytes() {
+                            self.write_raw(id, &bytes);
+                        }
+                    }
+                    Err(message) => self.reply(&failure(id, message)),
+                }
+                return;
+            }
+        }
         if self.in_flight.fetch_add(1, Ordering::SeqCst) >= self.max_in_flight {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             self.reply(&failure(
@@ -231,9 +266,14 @@ impl<W: Write + Send + 'static> Server<W> {
                 }
             }
         };
+        self.write_raw(msg.id, &bytes);
+    }
+
+    /// Writes bytes (whole frames, or test-hook garbage) to the channel.
+    fn write_raw(&self, id: u64, bytes: &[u8]) {
         let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Err(e) = writer.write_all(&bytes).and_then(|()| writer.flush()) {
-            log!("cannot send the reply to request {}: {e}", msg.id);
+        if let Err(e) = writer.write_all(bytes).and_then(|()| writer.flush()) {
+            log!("cannot send the reply to request {id}: {e}");
         }
     }
 }
@@ -241,7 +281,8 @@ impl<W: Write + Send + 'static> Server<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use moat_proto::agent::{Exec, Hello, Shutdown};
+    use moat_proto::agent::{Exec, Hello, Repl, Script, Setup, Shutdown};
+    use prost::Message;
     use std::os::unix::net::UnixStream;
     use std::sync::atomic::AtomicBool;
 
@@ -254,16 +295,23 @@ mod tests {
 
     impl Harness {
         fn new(max_frame: usize, max_in_flight: usize) -> Self {
+            Self::with_hooks(max_frame, max_in_flight, false)
+        }
+
+        fn with_hooks(max_frame: usize, max_in_flight: usize, hooks: bool) -> Self {
             let (host, guest) = UnixStream::pair().expect("socketpair");
             let shutdown = Arc::new(AtomicBool::new(false));
             let flag = Arc::clone(&shutdown);
             let writer = guest.try_clone().expect("clone");
-            let server = Arc::new(Server::new(
-                writer,
-                Box::new(move || flag.store(true, Ordering::SeqCst)),
-                max_frame,
-                max_in_flight,
-            ));
+            let server = Arc::new(
+                Server::new(
+                    writer,
+                    Box::new(move || flag.store(true, Ordering::SeqCst)),
+                    max_frame,
+                    max_in_flight,
+                )
+                .with_test_hooks(hooks),
+            );
             let server = thread::spawn(move || server.serve(guest, OnEof::Stop));
             host.set_read_timeout(Some(Duration::from_secs(10)))
                 .expect("timeout");
@@ -396,6 +444,78 @@ mod tests {
         // The only reply is the hello's: shutdown has none.
         assert_eq!(h.recv().id, 10);
         assert!(h.shutdown.load(Ordering::SeqCst));
+        h.finish();
+    }
+
+    fn hook(name: &str) -> Option<host_message::Body> {
+        Some(host_message::Body::Exec(Exec {
+            program: testhook::PROGRAM.into(),
+            args: vec![name.into()],
+            env: vec!["PATH=/usr/bin:/bin".into()],
+            ..Exec::default()
+        }))
+    }
+
+    #[test]
+    fn test_hooks_misbehave_when_enabled() {
+        let mut h = Harness::with_hooks(MAX_FRAME, 8, true);
+        h.send(1, hook("garbage"));
+        let mut raw = [0u8; 10];
+        h.host.read_exact(&mut raw).expect("garbage");
+        assert_eq!(raw[..4], 6u32.to_be_bytes());
+        assert!(GuestMessage::decode(&raw[4..]).is_err());
+
+        // A stalled request gets nothing, and frees its slot.
+        h.send(2, hook("stall"));
+        h.send(3, hello());
+        assert_eq!(h.recv().id, 3);
+
+        h.send(4, hook("bogus"));
+        let reply = h.recv();
+        assert_eq!(reply.id, 4);
+        assert!(failure_text(&reply).contains("unknown hook"));
+
+        h.send(5, hook("oversized"));
+        let mut raw = [0u8; 8];
+        h.host.read_exact(&mut raw).expect("oversized");
+        assert_eq!(raw, [0x40, 0, 0, 0, b'm', b'o', b'a', b't']);
+        h.finish();
+    }
+
+    #[test]
+    fn test_hooks_are_ordinary_commands_when_disabled() {
+        let mut h = Harness::new(MAX_FRAME, 8);
+        h.send(1, hook("garbage"));
+        let reply = h.recv();
+        let Some(guest_message::Body::Exec(res)) = reply.body else {
+            panic!("expected ExecResult, got {reply:?}");
+        };
+        assert_eq!(res.exit_code, 127);
+        h.finish();
+    }
+
+    #[test]
+    fn repl_and_setup_are_dispatched() {
+        let mut h = Harness::new(MAX_FRAME, 8);
+        h.send(
+            1,
+            Some(host_message::Body::Repl(Repl {
+                language: "cobol".into(),
+                ..Repl::default()
+            })),
+        );
+        assert!(failure_text(&h.recv()).contains("unsupported language"));
+        h.send(
+            2,
+            Some(host_message::Body::Setup(Setup {
+                scripts: vec![Script {
+                    name: "..".into(),
+                    content: String::new(),
+                }],
+                ..Setup::default()
+            })),
+        );
+        assert!(failure_text(&h.recv()).contains("invalid script name"));
         h.finish();
     }
 

@@ -34,6 +34,10 @@ pub enum AgentError {
     /// The host asked for something we refuse to do (answered with `Failure`).
     #[error("{0}")]
     BadRequest(String),
+    /// The request is fine but this sandbox cannot serve it, e.g. its image
+    /// has no interpreter for the language (answered with `Failure`).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Shorthand for this crate's results.

@@ -5,20 +5,26 @@
 //! Modules: [`pid1`] boot sequence and reaper; [`rootfs`] mounts and root
 //! switch; [`initramfs`] freeing it; [`discover`] sysfs device lookup;
 //! [`host`] hostname and loopback; [`channel`] the framed request server;
-//! [`exec`] running commands; [`output`] output lines and caps; [`power`]
-//! power-off; [`log`] console lines; [`error`] the error type.
+//! [`exec`] running commands; [`repl`] REPL sessions; [`setup`] scripts and
+//! the background process; [`testhook`] gated protocol misbehaviour for
+//! tests; [`output`] output lines and caps; [`fd`] descriptor helpers;
+//! [`power`] power-off; [`log`] console lines; [`error`] the error type.
 
 mod channel;
 mod discover;
 mod error;
 mod exec;
+mod fd;
 mod host;
 mod initramfs;
 mod log;
 mod output;
 mod pid1;
 mod power;
+mod repl;
 mod rootfs;
+mod setup;
+mod testhook;
 
 use crate::log::log;
 

@@ -13,7 +13,7 @@ cd "$top"
 step() { echo "==> $*" >&2; }
 
 pkgs=(linux-source-6.1 qemu-system-x86 busybox-static erofs-utils e2fsprogs cpio bc flex bison
-      libelf-dev libssl-dev xz-utils libc6-dev gcc make)
+      libelf-dev libssl-dev xz-utils libc6-dev gcc make debootstrap file)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -34,6 +34,9 @@ step "guest kernel (cached; first build ~7 min on 2 cores)"
 kernel=$(packaging/kernel/build.sh)
 step "base image"
 image=$(packaging/images/build-base.sh)
+step "python and node images (Debian bookworm; cached, 2-4 min each the first time)"
+python_image=$(packaging/images/build-debian.sh python)
+node_image=$(packaging/images/build-debian.sh node)
 
 step "static guest agent"
 CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
@@ -54,6 +57,8 @@ install -m 0644 "$kernel" build/vmlinux
 install -m 0644 "$(dirname "$kernel")/release" build/kernel.release
 install -m 0755 "$agent" build/moat-agent
 install -m 0644 "$image" build/base.erofs
+ln -sf "$python_image" build/python.erofs
+ln -sf "$node_image" build/node.erofs
 uid=$(id -u moat); gid=$(id -g moat)
 cat > build/broker.toml <<CONF
 # Development broker config written by packaging/dev/setup.sh.
@@ -71,5 +76,28 @@ default = "base"
 
 [images.local]
 base = "$top/build/base.erofs"
+"microsandbox/python" = "$top/build/python.erofs"
+"microsandbox/node" = "$top/build/node.erofs"
 CONF
 step "ready: build/broker.toml"
+
+# Gateway test tools: the official MCP inspector (its CLI drives /mcp in the
+# gateway_mcp e2e suite) cached under /var/cache/moat/npm, and wrk for
+# `make bench-gateway`.
+step "gateway test tools: MCP inspector (npm, cached) and wrk"
+inspector_version=2.12.0
+npm_dir=/var/cache/moat/npm
+if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nodejs npm >&2
+fi
+have=$(node -p "require('$npm_dir/node_modules/@modelcontextprotocol/inspector/package.json').version" 2>/dev/null || true)
+if [ "$have" != "$inspector_version" ]; then
+  mkdir -p "$npm_dir"
+  npm install --no-audit --no-fund --loglevel=error --prefix "$npm_dir" \
+    "@modelcontextprotocol/inspector@$inspector_version" >&2
+fi
+[ -x "$npm_dir/node_modules/.bin/mcp-inspector" ] \
+  || { echo "setup: the MCP inspector did not install under $npm_dir" >&2; exit 1; }
+if ! dpkg-query -W -f='${Status}' wrk 2>/dev/null | grep -q "install ok installed"; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wrk >&2
+fi

@@ -1,7 +1,9 @@
 //! Harness for the end-to-end suites: starts the real stack (`moat server
-//! start --dev`, which runs moat-broker as root and moat-gateway as the
-//! `moat` user) with its own config, state directory, cgroup parent, uid
-//! range and port, talks to it over HTTP, and inspects the host for
+//! start --dev`, or with API keys when [`Options::keys`] is set; it runs
+//! moat-broker as root and moat-gateway as the `moat` user) with its own
+//! config, state directory, cgroup parent, uid range and port, talks to it
+//! over HTTP (with an `Authorization` header when asked), makes and revokes
+//! keys with `moat server keygen` / `revoke`, and inspects the host for
 //! leftovers. Each [`Server`] stops its stack when dropped.
 //!
 //! Needs root, the `moat` user, and the artefacts `make test` builds; the
@@ -46,6 +48,17 @@ pub struct Options {
     pub max_sandboxes: u32,
     /// Extra `[images.local]` entries: name -> file.
     pub extra_images: Vec<(String, PathBuf)>,
+    /// Let guest agents honour `moat-test-hook` commands.
+    pub agent_test_hooks: bool,
+    pub max_calls_per_sandbox: u32,
+    pub max_output_bytes: u64,
+    /// Start without `--dev`: the gateway requires API keys (secret and
+    /// revocation list in the server's temp directory).
+    pub keys: bool,
+    /// Extra gateway config (TOML, top-level keys and tables other than
+    /// `[auth]`); when non-empty, or with `keys`, the harness writes a
+    /// gateway config and passes `--gateway-config`.
+    pub gateway_toml: String,
 }
 
 impl Default for Options {
@@ -54,6 +67,11 @@ impl Default for Options {
             boot_timeout_secs: 60,
             max_sandboxes: 8,
             extra_images: Vec::new(),
+            agent_test_hooks: false,
+            max_calls_per_sandbox: 16,
+            max_output_bytes: 1 << 20,
+            keys: false,
+            gateway_toml: String::new(),
         }
     }
 }
@@ -69,10 +87,43 @@ pub struct Server {
     pub cgroup_parent: String,
     pub uid_base: u32,
     pub uid_count: u32,
+    /// The gateway config the harness wrote (keys mode or extra TOML).
+    pub gateway_config: Option<PathBuf>,
     agent: ureq::Agent,
 }
 
-fn free_port() -> u16 {
+/// An API key made by `moat server keygen`.
+#[derive(Debug, Clone)]
+pub struct Key {
+    pub token: String,
+    pub id: String,
+}
+
+/// A raw HTTP answer.
+#[derive(Debug, Clone)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpReply {
+    /// The body as JSON (`Null` when it is not JSON).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// A header's value (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -106,6 +157,12 @@ impl Server {
         let uid_base = 1_910_000_000 + (std::process::id() % 5000) * 1000 + n * uid_count;
         let cgroup_parent = format!("moat-e2e-{}-{n}", std::process::id());
         let mut images = format!("base = \"{}\"\n", build.join("base.erofs").display());
+        for (name, file) in [
+            ("microsandbox/python", "python.erofs"),
+            ("microsandbox/node", "node.erofs"),
+        ] {
+            images.push_str(&format!("{name:?} = \"{}\"\n", build.join(file).display()));
+        }
         for (name, path) in &opts.extra_images {
             images.push_str(&format!("{name} = \"{}\"\n", path.display()));
         }
@@ -126,6 +183,10 @@ boot_timeout_secs = {boot}
 max_sandboxes = {maxsb}
 stop_timeout_secs = 10
 max_command_timeout_secs = 600
+max_calls_per_sandbox = {max_calls}
+max_output_bytes = {max_output}
+[testing]
+agent_hooks = {hooks}
 [sandbox_ids]
 base = {uid_base}
 count = {uid_count}
@@ -138,6 +199,9 @@ parent = "{cgroup_parent}"
             agent = build.join("moat-agent").display(),
             boot = opts.boot_timeout_secs,
             maxsb = opts.max_sandboxes,
+            max_calls = opts.max_calls_per_sandbox,
+            max_output = opts.max_output_bytes,
+            hooks = opts.agent_test_hooks,
         );
         let config_path = dir.path().join("broker.toml");
         fs::write(&config_path, config).expect("write config");
@@ -149,17 +213,30 @@ parent = "{cgroup_parent}"
         )
         .expect("chmod");
 
+        let gateway_config = (opts.keys || !opts.gateway_toml.is_empty()).then(|| {
+            let path = dir.path().join("gateway.toml");
+            let text = format!(
+                "{}\n[auth]\nsecret_file = \"{}\"\nrevocation_file = \"{}\"\nrevocation_poll_secs = 1\n",
+                opts.gateway_toml,
+                dir.path().join("gateway.secret").display(),
+                dir.path().join("revoked-keys").display(),
+            );
+            fs::write(&path, text).expect("write gateway config");
+            path
+        });
+
         let port = free_port();
         let logfile = fs::File::create(&log).expect("log file");
-        let child = Command::new(bin_dir().join("moat"))
-            .args([
-                "server",
-                "start",
-                "--dev",
-                "--port",
-                &port.to_string(),
-                "--broker-config",
-            ])
+        let mut command = Command::new(bin_dir().join("moat"));
+        command.args(["server", "start"]);
+        if !opts.keys {
+            command.arg("--dev");
+        }
+        if let Some(path) = &gateway_config {
+            command.arg("--gateway-config").arg(path);
+        }
+        let child = command
+            .args(["--port", &port.to_string(), "--broker-config"])
             .arg(&config_path)
             .env("MOAT_LOG", "info")
             .stdin(Stdio::null())
@@ -183,6 +260,7 @@ parent = "{cgroup_parent}"
             cgroup_parent,
             uid_base,
             uid_count,
+            gateway_config,
             agent,
         };
         server.wait_healthy();
@@ -243,6 +321,133 @@ parent = "{cgroup_parent}"
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
+    /// Any HTTP request to the gateway: `method` GET/POST/DELETE/OPTIONS,
+    /// extra `headers`, an optional body (sent as `application/json`).
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> HttpReply {
+        let url = format!("{}{path}", self.url);
+        let result = match body {
+            Some(body) => {
+                let mut req = match method {
+                    "POST" => self.agent.post(&url),
+                    "PUT" => self.agent.put(&url),
+                    other => panic!("body with {other}"),
+                }
+                .header("content-type", "application/json");
+                for (k, v) in headers {
+                    req = req.header(*k, *v);
+                }
+                req.send(body)
+            }
+            None => {
+                let mut req = match method {
+                    "GET" => self.agent.get(&url),
+                    "DELETE" => self.agent.delete(&url),
+                    "OPTIONS" => self.agent.options(&url),
+                    other => panic!("no body with {other}"),
+                };
+                for (k, v) in headers {
+                    req = req.header(*k, *v);
+                }
+                req.call()
+            }
+        };
+        let mut resp = result.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string()))
+            .collect();
+        let mut text = String::new();
+        let _ = resp.body_mut().as_reader().read_to_string(&mut text);
+        HttpReply {
+            status,
+            headers,
+            body: text,
+        }
+    }
+
+    /// POST a JSON body to /api/v1/rpc with `Authorization: Bearer key`.
+    pub fn post_as(&self, key: &str, body: &Value) -> (u16, Value) {
+        let auth = format!("Bearer {key}");
+        let reply = self.request(
+            "POST",
+            "/api/v1/rpc",
+            &[("authorization", &auth)],
+            Some(&body.to_string()),
+        );
+        (reply.status, reply.json())
+    }
+
+    /// One JSON-RPC call with a key: (HTTP status, response object).
+    pub fn rpc_as(&self, key: &str, method: &str, params: Value) -> (u16, Value) {
+        self.post_as(
+            key,
+            &json!({"jsonrpc": "2.0", "method": method, "params": params, "id": 1}),
+        )
+    }
+
+    /// `moat server keygen` for `namespaces` with lifetime `expire` (90d…).
+    pub fn keygen(&self, namespaces: &[&str], expire: &str) -> Key {
+        let config = self
+            .gateway_config
+            .as_ref()
+            .expect("keygen needs Options::keys");
+        let mut cmd = Command::new(bin_dir().join("moat"));
+        cmd.args([
+            "server",
+            "keygen",
+            "--json",
+            "--expire",
+            expire,
+            "--gateway-config",
+        ])
+        .arg(config);
+        for ns in namespaces {
+            cmd.args(["--namespace", ns]);
+        }
+        let out = cmd.output().expect("run moat server keygen");
+        assert!(
+            out.status.success(),
+            "keygen failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("keygen --json output");
+        Key {
+            token: v["key"].as_str().expect("key").to_string(),
+            id: v["key_id"].as_str().expect("key_id").to_string(),
+        }
+    }
+
+    /// `moat server revoke ID`.
+    pub fn revoke(&self, key_id: &str) {
+        let config = self
+            .gateway_config
+            .as_ref()
+            .expect("revoke needs Options::keys");
+        let out = Command::new(bin_dir().join("moat"))
+            .args(["server", "revoke", key_id, "--gateway-config"])
+            .arg(config)
+            .output()
+            .expect("run moat server revoke");
+        assert!(
+            out.status.success(),
+            "revoke failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The gateway's signing secret file (keys mode).
+    pub fn secret_file(&self) -> PathBuf {
+        self.dir.path().join("gateway.secret")
+    }
+
     /// One JSON-RPC call: the whole response object.
     pub fn rpc(&self, method: &str, params: Value) -> Value {
         self.post(&json!({"jsonrpc": "2.0", "method": method, "params": params, "id": 1}))
@@ -287,6 +492,14 @@ parent = "{cgroup_parent}"
             json!({"sandbox": name, "namespace": "default"}),
         );
         assert_eq!(r, json!(format!("Sandbox {name} stopped successfully")));
+    }
+
+    /// `sandbox.repl.run` result.
+    pub fn repl(&self, name: &str, language: &str, code: &str) -> Value {
+        self.ok(
+            "sandbox.repl.run",
+            json!({"sandbox": name, "namespace": "default", "language": language, "code": code}),
+        )
     }
 
     /// `sandbox.command.run` result.

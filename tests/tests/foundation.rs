@@ -28,6 +28,23 @@ fn command_round_trip_errors_timeout_and_clean_stop() {
         json!({"envs": ["GREETING=hello world"], "workdir": "/tmp", "memory": 256}),
     );
 
+    // Its own process, uid and cgroup: guest RAM + VMM overhead, one CPU.
+    let pids = s.vm_pids();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    assert!(pids[0].1 >= s.uid_base && pids[0].1 < s.uid_base + s.uid_count);
+    assert_eq!(cgroup_limits(pids[0].0), ((256 + 256) << 20, 1.0));
+    let guest_mem = s.run("e2e-one", "sh", &["-c", "grep MemTotal /proc/meminfo"]);
+    let kib: u64 = Server::stdout_lines(&guest_mem)[0]
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        kib > 200 << 10 && kib <= 256 << 10,
+        "guest RAM {kib} KiB for memory=256"
+    );
+
     // The guest's kernel, not the host's.
     let r = s.run("e2e-one", "uname", &["-r"]);
     assert_eq!(r["exit_code"], 0, "{r}");

@@ -241,6 +241,29 @@ impl Cgroup {
         fs::read_to_string(file).ok()?.trim().parse().ok()
     }
 
+    /// CPU time used by the cgroup's processes so far, nanoseconds.
+    pub fn cpu_usage_ns(&self) -> Option<u64> {
+        match self.hierarchy {
+            Hierarchy::V2 => {
+                let stat = fs::read_to_string(self.dirs[0].join("cpu.stat")).ok()?;
+                let usec: u64 = stat
+                    .lines()
+                    .find_map(|l| l.strip_prefix("usage_usec "))?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Some(usec * 1000)
+            }
+            Hierarchy::V1 => self
+                .dirs
+                .iter()
+                .find_map(|d| fs::read_to_string(d.join("cpuacct.usage")).ok())?
+                .trim()
+                .parse()
+                .ok(),
+        }
+    }
+
     /// Peak memory charged to the cgroup, bytes, where the kernel reports it.
     pub fn memory_peak_bytes(&self) -> Option<u64> {
         let file = match self.hierarchy {

@@ -13,11 +13,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use moat_proto::broker::{RunCommandReply, SandboxConfig, SandboxRef};
+use moat_proto::broker::{
+    RunCommandReply, RunReplReply, SandboxConfig, SandboxMetrics, SandboxRef,
+};
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::error::BrokerError;
-pub use exec::CommandRequest;
+pub use exec::{CommandRequest, ReplRequest};
 pub use spec::SandboxSpec;
 pub use vm::{LaunchContext, RunningVm};
 
@@ -46,6 +48,23 @@ impl SandboxKey {
 impl std::fmt::Display for SandboxKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Which sandboxes a metrics request covers.
+#[derive(Debug, Clone)]
+pub struct MetricsFilter {
+    /// `None`: every namespace.
+    pub namespaces: Option<Vec<String>>,
+    pub sandbox: Option<String>,
+}
+
+impl MetricsFilter {
+    fn selects(&self, key: &SandboxKey) -> bool {
+        self.namespaces
+            .as_ref()
+            .is_none_or(|ns| ns.contains(&key.namespace))
+            && self.sandbox.as_ref().is_none_or(|s| *s == key.name)
     }
 }
 
@@ -135,7 +154,7 @@ impl Sandboxes {
             e.definition = Some(w);
         }
         let spec = e.definition.clone().ok_or_else(|| not_defined(key))?;
-        let vm = vm::launch(&self.ctx, &key.name, spec).await?;
+        let vm = vm::launch(&self.ctx, &key.namespace, &key.name, spec).await?;
         e.vm = Some(vm);
         Ok(true)
     }
@@ -150,20 +169,93 @@ impl Sandboxes {
         vm.stop(&self.ctx, grace).await
     }
 
+    /// What a call into a running sandbox needs, holding one of its call
+    /// slots (released when dropped).
+    async fn call_handle(&self, key: &SandboxKey) -> Result<vm::CallHandle, BrokerError> {
+        self.check_open()?;
+        let entry = self.existing(key).ok_or_else(|| not_running(key))?;
+        let e = entry.lock().await;
+        let vm = e.vm.as_ref().ok_or_else(|| not_running(key))?;
+        vm.call_handle().ok_or_else(|| {
+            BrokerError::Busy(format!(
+                "sandbox {key} is already running {} calls, the server's limit; wait for one to finish",
+                self.ctx.config.limits.max_calls_per_sandbox
+            ))
+        })
+    }
+
     /// Runs one command in a running sandbox.
     pub async fn run_command(
         &self,
         key: &SandboxKey,
         req: CommandRequest,
     ) -> Result<RunCommandReply, BrokerError> {
-        self.check_open()?;
-        let (agent, spec, exit) = {
-            let entry = self.existing(key).ok_or_else(|| not_running(key))?;
-            let e = entry.lock().await;
-            let vm = e.vm.as_ref().ok_or_else(|| not_running(key))?;
-            (vm.agent.clone(), vm.spec.clone(), vm.exit.clone())
+        let h = self.call_handle(key).await?;
+        exec::run(&self.ctx.config.limits, &h.agent, &h.spec, &h.exit, req).await
+    }
+
+    /// Runs one REPL cell in a running sandbox.
+    pub async fn run_repl(
+        &self,
+        key: &SandboxKey,
+        req: ReplRequest,
+    ) -> Result<RunReplReply, BrokerError> {
+        let h = self.call_handle(key).await?;
+        exec::run_repl(
+            &self.ctx.config.limits,
+            &h.agent,
+            &h.spec,
+            &h.exit,
+            &h.repl_sessions,
+            req,
+        )
+        .await
+    }
+
+    /// Metrics of every known sandbox (running or defined) that `filter`
+    /// selects, sorted by namespace and name.
+    pub async fn metrics(&self, filter: &MetricsFilter) -> Vec<SandboxMetrics> {
+        let mut entries: Vec<(SandboxKey, Arc<AsyncMutex<Entry>>)> = {
+            let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            map.iter()
+                .filter(|(k, _)| filter.selects(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
         };
-        exec::run(&self.ctx.config.limits, &agent, &spec, &exit, req).await
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out = Vec::with_capacity(entries.len());
+        for (key, entry) in entries {
+            // A sandbox in the middle of a start or stop holds its lock for
+            // seconds: report it as not running rather than wait.
+            let Ok(e) = entry.try_lock() else {
+                out.push(SandboxMetrics {
+                    namespace: key.namespace,
+                    name: key.name,
+                    ..Default::default()
+                });
+                continue;
+            };
+            if e.definition.is_none() && e.vm.is_none() {
+                continue;
+            }
+            let m = match &e.vm {
+                Some(vm) => SandboxMetrics {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    running: vm.is_alive(),
+                    cpu_usage: vm.cpu_percent(),
+                    memory_usage_mib: vm.cgroup_memory().0.map(|b| b as f64 / (1024.0 * 1024.0)),
+                    disk_usage_bytes: vm.disk_usage_bytes(),
+                },
+                None => SandboxMetrics {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    ..Default::default()
+                },
+            };
+            out.push(m);
+        }
+        out
     }
 
     /// Stops every running sandbox (broker shutdown); refuses new work first.

@@ -2,6 +2,7 @@
 //! by field against the operator's limits. Nothing reaches a VM that did not
 //! pass through [`SandboxSpec::from_config`].
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use moat_proto::broker::SandboxConfig;
@@ -25,6 +26,10 @@ pub struct SandboxSpec {
     pub envs: Vec<String>,
     pub workdir: Option<String>,
     pub shell: String,
+    /// Written to `/.sandbox/scripts/<name>` in the guest.
+    pub scripts: BTreeMap<String, String>,
+    /// Launched in the background once the sandbox is ready (`shell -c`).
+    pub exec: Option<String>,
 }
 
 /// Why a config was refused; the message says what to change.
@@ -75,8 +80,37 @@ impl SandboxSpec {
         if !c.depends_on.is_empty() {
             return refuse("depends_on is not supported by this moat build yet; start the other sandboxes first and remove config.depends_on".into());
         }
-        if !c.scripts.is_empty() || c.exec.is_some() {
-            return refuse("scripts and exec are not supported by this moat build yet; run commands with sandbox.command.run instead".into());
+        if c.scripts.len() > limits.max_scripts as usize {
+            return refuse(format!(
+                "{} scripts given; the limit is {}",
+                c.scripts.len(),
+                limits.max_scripts
+            ));
+        }
+        for name in c.scripts.keys() {
+            check_script_name(name)?;
+        }
+        let script_bytes: usize = c
+            .scripts
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+            + c.exec.as_ref().map_or(0, String::len);
+        if script_bytes > limits.max_request_bytes as usize {
+            return refuse(format!(
+                "scripts and exec total {script_bytes} bytes; the limit is {}",
+                limits.max_request_bytes
+            ));
+        }
+        if c.scripts
+            .values()
+            .chain(c.exec.iter())
+            .any(|v| v.contains('\0'))
+        {
+            return refuse("scripts and exec cannot contain NUL bytes".into());
+        }
+        if c.exec.as_ref().is_some_and(|e| e.trim().is_empty()) {
+            return refuse("exec cannot be empty; omit it to run no background command".into());
         }
         if c.envs.len() > MAX_ENVS {
             return refuse(format!(
@@ -107,8 +141,28 @@ impl SandboxSpec {
             envs: c.envs.clone(),
             workdir,
             shell,
+            scripts: c
+                .scripts
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            exec: c.exec.clone(),
         })
     }
+}
+
+/// A script name becomes a file name in the guest: `[A-Za-z0-9._-]`, at
+/// most 64 bytes, not `.` or `..`.
+pub fn check_script_name(name: &str) -> Result<(), SpecError> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if name.is_empty() || name.len() > 64 || !ok_chars || name == "." || name == ".." {
+        return refuse(format!(
+            "script name {name:?} must be 1-64 characters of letters, digits, '.', '_' and '-' (not \".\" or \"..\")"
+        ));
+    }
+    Ok(())
 }
 
 /// `KEY=VALUE` with a POSIX-style key and no NUL.
@@ -219,6 +273,32 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.0.contains("volumes"), "{e}");
+    }
+
+    #[test]
+    fn scripts_and_exec_are_checked() {
+        let mut c = SandboxConfig {
+            exec: Some("python3 -m http.server".into()),
+            ..Default::default()
+        };
+        c.scripts.insert("start".into(), "echo hi".into());
+        let s = spec(c).unwrap();
+        assert_eq!(s.scripts.get("start").map(String::as_str), Some("echo hi"));
+        assert_eq!(s.exec.as_deref(), Some("python3 -m http.server"));
+        for bad in ["", ".", "..", "a/b", "x y", &"n".repeat(65)] {
+            let mut c = SandboxConfig::default();
+            c.scripts.insert(bad.into(), "true".into());
+            assert!(spec(c).unwrap_err().0.contains("script name"), "{bad:?}");
+        }
+        let e = spec(SandboxConfig {
+            exec: Some("  ".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.0.contains("exec"), "{e}");
+        let mut c = SandboxConfig::default();
+        c.scripts.insert("big".into(), "x".repeat(300 << 10));
+        assert!(spec(c).unwrap_err().0.contains("limit"));
     }
 
     #[test]

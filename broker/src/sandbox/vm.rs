@@ -5,10 +5,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use moat_proto::agent::{host_message, Shutdown};
+use moat_proto::agent::{guest_message, host_message, Script, Setup, Shutdown};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout, Instant};
 
@@ -19,6 +20,7 @@ use crate::console::ConsoleLog;
 use crate::disk::create_writable_disk;
 use crate::error::BrokerError;
 use crate::jail::{self, JailSpec};
+use crate::quota::{NamespacePermit, NamespaceQuota};
 use crate::slots::{Slot, SlotAllocator};
 use crate::vmm::{VmSpec, Vmm};
 
@@ -37,6 +39,7 @@ pub struct LaunchContext {
     pub cgroups: CgroupManager,
     pub slots: SlotAllocator,
     pub running: Arc<Semaphore>,
+    pub namespaces: NamespaceQuota,
     pub initramfs: PathBuf,
 }
 
@@ -59,7 +62,23 @@ pub struct RunningVm {
     pub console: ConsoleLog,
     pub pid: Option<u32>,
     pub kernel_release: String,
+    /// Permits for calls in flight (`limits.max_calls_per_sandbox`).
+    calls: Arc<Semaphore>,
+    repl_sessions: super::exec::ReplSessions,
+    /// CPU use over the last sampling interval, percent of one CPU (f64 bits;
+    /// NaN until the first interval has passed).
+    cpu_percent: Arc<AtomicU64>,
     resources: VmResources,
+}
+
+/// Everything one call into a running VM needs; holds a call permit.
+#[derive(Debug)]
+pub struct CallHandle {
+    pub agent: AgentClient,
+    pub spec: SandboxSpec,
+    pub exit: ExitWatch,
+    pub repl_sessions: super::exec::ReplSessions,
+    _permit: OwnedSemaphorePermit,
 }
 
 /// What a VM holds on the host; released exactly once.
@@ -69,6 +88,7 @@ struct VmResources {
     dir: PathBuf,
     cgroup: Option<Cgroup>,
     _permit: OwnedSemaphorePermit,
+    _namespace_permit: NamespacePermit,
 }
 
 impl VmResources {
@@ -114,6 +134,37 @@ fn describe_exit(status: std::io::Result<ExitStatus>) -> String {
     }
 }
 
+/// How often a VM's CPU use is sampled for metrics.
+const CPU_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Samples the cgroup's CPU time every [`CPU_SAMPLE_INTERVAL`] until the VM
+/// exits, publishing the last interval's use in percent of one CPU.
+fn spawn_cpu_sampler(cgroup: Option<Cgroup>, exit: ExitWatch) -> Arc<AtomicU64> {
+    let out = Arc::new(AtomicU64::new(f64::NAN.to_bits()));
+    let Some(cgroup) = cgroup else { return out };
+    let published = out.clone();
+    tokio::spawn(async move {
+        let mut last: Option<(Instant, u64)> = None;
+        let mut tick = tokio::time::interval(CPU_SAMPLE_INTERVAL);
+        while exit.borrow().is_none() {
+            tick.tick().await;
+            let Some(now_ns) = cgroup.cpu_usage_ns() else {
+                break;
+            };
+            let now = Instant::now();
+            if let Some((t0, ns0)) = last {
+                let wall = now.duration_since(t0).as_nanos() as f64;
+                if wall > 0.0 {
+                    let pct = now_ns.saturating_sub(ns0) as f64 / wall * 100.0;
+                    published.store(pct.to_bits(), Ordering::Relaxed);
+                }
+            }
+            last = Some((now, now_ns));
+        }
+    });
+    out
+}
+
 /// Waits until the VM process has exited (returns at once if it has).
 pub async fn wait_exit(mut exit: ExitWatch) -> String {
     loop {
@@ -129,10 +180,17 @@ pub async fn wait_exit(mut exit: ExitWatch) -> String {
 /// Launches a VM for `spec` and waits for its agent.
 pub async fn launch(
     ctx: &LaunchContext,
+    namespace: &str,
     hostname: &str,
     spec: SandboxSpec,
 ) -> Result<RunningVm, BrokerError> {
     let limits = &ctx.config.limits;
+    let namespace_permit = ctx.namespaces.try_take(namespace).ok_or_else(|| {
+        BrokerError::Busy(format!(
+            "namespace {namespace} already runs {} sandboxes, its limit; stop one first",
+            ctx.namespaces.max()
+        ))
+    })?;
     let permit = ctx.running.clone().try_acquire_owned().map_err(|_| {
         BrokerError::Busy(format!(
             "{} sandboxes are already running, the server's limit; stop one or retry later",
@@ -148,15 +206,19 @@ pub async fn launch(
         dir,
         cgroup: None,
         _permit: permit,
+        _namespace_permit: namespace_permit,
     };
     match boot(ctx, hostname, spec, &mut res).await {
         Ok(parts) => Ok(RunningVm {
+            cpu_percent: spawn_cpu_sampler(res.cgroup.clone(), parts.exit.clone()),
             spec: parts.spec,
             agent: parts.agent,
             exit: parts.exit,
             console: parts.console,
             pid: parts.pid,
             kernel_release: parts.kernel_release,
+            calls: Arc::new(Semaphore::new(limits.max_calls_per_sandbox as usize)),
+            repl_sessions: Default::default(),
             resources: res,
         }),
         Err(e) => {
@@ -218,6 +280,7 @@ async fn boot(
         memory_mib: spec.memory_mib,
         cpus: spec.cpus,
         hostname: hostname.to_string(),
+        test_hooks: cfg.testing.agent_hooks,
     };
     let plan = ctx.vmm.launch_plan(&vm_spec);
     let jail = JailSpec {
@@ -257,6 +320,18 @@ async fn boot(
         }),
         status = wait_exit(exit_rx.clone()) => Err(format!("{status} during boot")),
     };
+    let outcome = match outcome {
+        Ok((agent, hello)) => {
+            let remaining = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_secs(5));
+            match setup(&agent, &spec, limits.background_log_bytes, remaining).await {
+                Ok(()) => Ok((agent, hello)),
+                Err(e) => Err(format!("sandbox setup (scripts, exec) failed: {e}")),
+            }
+        }
+        Err(e) => Err(e),
+    };
     match outcome {
         Ok((agent, hello)) => {
             tracing::info!(
@@ -294,6 +369,44 @@ async fn boot(
     }
 }
 
+/// Writes the sandbox's scripts into the guest and starts its background
+/// `exec` / `start` script.
+async fn setup(
+    agent: &AgentClient,
+    spec: &SandboxSpec,
+    log_max_bytes: u64,
+    wait: Duration,
+) -> Result<(), String> {
+    if spec.scripts.is_empty() && spec.exec.is_none() {
+        return Ok(());
+    }
+    let body = host_message::Body::Setup(Setup {
+        scripts: spec
+            .scripts
+            .iter()
+            .map(|(name, content)| Script {
+                name: name.clone(),
+                content: content.clone(),
+            })
+            .collect(),
+        shell: spec.shell.clone(),
+        env: super::exec::command_env(spec, &[]),
+        workdir: spec.workdir.clone().unwrap_or_else(|| "/".into()),
+        exec: spec.exec.clone().unwrap_or_default(),
+        log_max_bytes,
+    });
+    match agent.call(body, wait).await {
+        Ok(reply) => match reply.body {
+            Some(guest_message::Body::Setup(r)) => {
+                tracing::info!(background_pid = r.background_pid, "sandbox setup done");
+                Ok(())
+            }
+            _ => Err(crate::agent::unexpected(&reply).to_string()),
+        },
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Creates `dir` mode 0700 owned by `uid:uid` (and its parents as root 0711).
 fn make_private_dir(dir: &Path, uid: u32) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -309,6 +422,18 @@ fn make_private_dir(dir: &Path, uid: u32) -> std::io::Result<()> {
 }
 
 impl RunningVm {
+    /// A handle for one call, or `None` when the sandbox's call limit is reached.
+    pub fn call_handle(&self) -> Option<CallHandle> {
+        let permit = self.calls.clone().try_acquire_owned().ok()?;
+        Some(CallHandle {
+            agent: self.agent.clone(),
+            spec: self.spec.clone(),
+            exit: self.exit.clone(),
+            repl_sessions: self.repl_sessions.clone(),
+            _permit: permit,
+        })
+    }
+
     /// Stops the VM: asks the guest to power off, kills the VM process after
     /// `grace`, then releases everything it held.
     pub async fn stop(self, ctx: &LaunchContext, grace: Duration) -> Result<(), BrokerError> {
@@ -329,6 +454,23 @@ impl RunningVm {
             }
         }
         self.resources.release(ctx).await
+    }
+
+    /// CPU use over the last sampling interval, percent of one CPU.
+    pub fn cpu_percent(&self) -> Option<f64> {
+        let v = f64::from_bits(self.cpu_percent.load(Ordering::Relaxed));
+        v.is_finite().then_some(v)
+    }
+
+    /// Bytes the writable disk occupies on the host (allocated blocks).
+    pub fn disk_usage_bytes(&self) -> Option<u64> {
+        let meta = std::fs::metadata(self.resources.dir.join("rw.ext4")).ok()?;
+        Some(std::os::unix::fs::MetadataExt::blocks(&meta) * 512)
+    }
+
+    /// Whether the VM process is still alive.
+    pub fn is_alive(&self) -> bool {
+        self.exit.borrow().is_none()
     }
 
     /// Memory the VM's cgroup is charged now and at its peak, bytes.

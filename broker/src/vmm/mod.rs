@@ -28,6 +28,8 @@ pub struct VmSpec {
     pub cpus: u32,
     /// Guest hostname (a validated sandbox name).
     pub hostname: String,
+    /// Let the agent honour `moat-test-hook` commands (test suites only).
+    pub test_hooks: bool,
 }
 
 /// The VM process to spawn.
@@ -52,8 +54,12 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
     // reboot=t: a guest reboot exits the VMM at once; panic=-1: a kernel
     // panic reboots (and so exits) instead of hanging. No "--": QEMU appends
     // virtio_mmio device words after ours.
-    format!(
+    let mut line = format!(
         "console=ttyS0 reboot=t panic=-1 quiet loglevel=4 MOAT_HOSTNAME={}",
         spec.hostname
-    )
+    );
+    if spec.test_hooks {
+        line.push_str(" MOAT_TEST_HOOKS=1");
+    }
+    line
 }

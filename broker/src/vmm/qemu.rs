@@ -121,6 +121,7 @@ mod tests {
             memory_mib: 512,
             cpus: 2,
             hostname: "sb1".into(),
+            test_hooks: false,
         }
     }
 

@@ -1,98 +1,135 @@
-//! Runs one well-formed JSON-RPC call: method lookup, params, the broker
-//! call with its deadline, the result, and the call's one log line.
+//! Runs one well-formed JSON-RPC call: method lookup, params, the caller's
+//! namespace check and the operator's caps, the broker call with its
+//! deadline (the caller's identity attached), the result, and the call's
+//! audit line. [`execute`] is shared with the MCP tools.
 
 use std::time::Instant;
 
-use moat_proto::broker::SandboxRef;
+use moat_proto::broker::GetMetricsRequest;
 use serde_json::Value;
 
 use super::framing::Call;
 use super::methods::Method;
 use super::params::{self, Action};
 use super::results;
-use crate::error::{ErrorCode, RpcError};
+use crate::auth::{Identity, Namespaces};
+use crate::error::RpcError;
+use crate::limits::ops;
+use crate::obs::audit::{self, Operation};
 use crate::state::AppState;
 
-/// Runs `call` and logs method, target, outcome and duration.
-pub async fn run(state: &AppState, call: Call) -> Result<Value, RpcError> {
+/// Runs `call` for `identity` and writes its audit line.
+pub async fn run(state: &AppState, identity: &Identity, call: Call) -> Result<Value, RpcError> {
     let started = Instant::now();
     let method = Method::lookup(&call.method);
     let action = method
         .clone()
         .and_then(|method| params::parse(method, call.params));
-    let target = action.as_ref().ok().and_then(Action::target).cloned();
-    let outcome = match action {
-        Ok(action) => execute(state, action).await,
-        Err(err) => Err(err),
+    let outcome = match &action {
+        Ok(action) => execute(state, identity, action.clone()).await,
+        Err(err) => Err(err.clone()),
     };
-    log(
-        &call.method,
-        method.ok(),
-        target.as_ref(),
-        call.id.is_none(),
+    // An unknown method name is the caller's text: log a bounded, escaped
+    // prefix of it.
+    let method_name = match method {
+        Ok(method) => method.name().to_owned(),
+        Err(_) => format!("{:?}", call.method.chars().take(64).collect::<String>()),
+    };
+    let action = action.ok();
+    audit::record(
+        state,
+        &Operation {
+            via: "jsonrpc",
+            key_id: &identity.key_id,
+            method: &method_name,
+            namespace: action.as_ref().map(Action::namespace),
+            sandbox: action
+                .as_ref()
+                .and_then(Action::target)
+                .map(|t| t.name.as_str()),
+            notification: call.id.is_none(),
+            started,
+        },
         &outcome,
-        started,
     );
     outcome
 }
 
-async fn execute(state: &AppState, action: Action) -> Result<Value, RpcError> {
+/// Checks `action` against the caller's namespaces and the operator's caps,
+/// then runs it on the broker with the caller attached.
+pub async fn execute(
+    state: &AppState,
+    identity: &Identity,
+    action: Action,
+) -> Result<Value, RpcError> {
+    authorize(state, identity, &action)?;
+    perform(state, identity, action).await
+}
+
+/// The checks made before anything reaches the broker: the caller's key
+/// covers the namespace (HTTP 403 otherwise), and the operator's caps.
+pub fn authorize(state: &AppState, identity: &Identity, action: &Action) -> Result<(), RpcError> {
+    match action {
+        Action::Metrics(query) => {
+            if let Some(ns) = &query.namespace {
+                identity.check(ns)?;
+            }
+        }
+        other => identity.check(other.namespace())?,
+    }
+    ops::check(action, state.limits())
+}
+
+/// Runs an authorized `action` on the broker.
+pub async fn perform(
+    state: &AppState,
+    identity: &Identity,
+    action: Action,
+) -> Result<Value, RpcError> {
     let broker = state.broker();
     let deadlines = state.deadlines();
+    let caller = Some(identity.caller());
     let name = action
         .target()
         .map(|target| target.name.clone())
         .unwrap_or_default();
     match action {
-        Action::Start(request) => {
+        Action::Start(mut request) => {
+            request.caller = caller;
             broker.start_sandbox(request, deadlines.start).await?;
             Ok(results::started(&name))
         }
-        Action::Stop(request) => {
+        Action::Stop(mut request) => {
+            request.caller = caller;
             broker.stop_sandbox(request, deadlines.stop).await?;
             Ok(results::stopped(&name))
         }
-        Action::RunCommand(run) => {
+        Action::RunCommand(mut run) => {
+            run.request.caller = caller;
             let deadline = deadlines.command(run.request.timeout_secs);
             let reply = broker.run_command(run.request.clone(), deadline).await?;
             Ok(results::command(&run, reply))
         }
-    }
-}
-
-fn log(
-    requested: &str,
-    method: Option<Method>,
-    target: Option<&SandboxRef>,
-    notification: bool,
-    outcome: &Result<Value, RpcError>,
-    started: Instant,
-) {
-    // An unknown method name is the caller's text: log a bounded, escaped
-    // prefix of it.
-    let method: String = match method {
-        Some(method) => method.name().to_owned(),
-        None => format!("{:?}", requested.chars().take(64).collect::<String>()),
-    };
-    let namespace = target.map(|t| t.namespace.as_str());
-    let sandbox = target.map(|t| t.name.as_str());
-    let duration_ms = started.elapsed().as_millis() as u64;
-    match outcome {
-        Ok(_) => tracing::info!(
-            %method, namespace, sandbox, notification, outcome = "ok", duration_ms,
-            "rpc call"
-        ),
-        Err(err) if matches!(err.code(), ErrorCode::Internal | ErrorCode::Server) => {
-            tracing::warn!(
-                %method, namespace, sandbox, notification, outcome = "error",
-                code = err.code().code(), error = %err, duration_ms,
-                "rpc call"
-            )
+        Action::RunRepl(mut run) => {
+            run.request.caller = caller;
+            let deadline = deadlines.command(run.request.timeout_secs);
+            let reply = broker.run_repl(run.request.clone(), deadline).await?;
+            Ok(results::repl(&run, reply))
         }
-        Err(err) => tracing::info!(
-            %method, namespace, sandbox, notification, outcome = "error",
-            code = err.code().code(), error = %err, duration_ms,
-            "rpc call"
-        ),
+        Action::Metrics(query) => {
+            let (namespaces, all_namespaces) = match (&query.namespace, &identity.namespaces) {
+                (Some(ns), _) => (vec![ns.clone()], false),
+                (None, Namespaces::All) => (Vec::new(), true),
+                (None, Namespaces::Only(set)) => (set.iter().cloned().collect(), false),
+            };
+            let request = GetMetricsRequest {
+                namespaces,
+                all_namespaces,
+                sandbox: query.sandbox,
+                caller,
+            };
+            let reply = broker.get_metrics(request, deadlines.health).await?;
+            Ok(results::metrics(reply))
+        }
     }
 }

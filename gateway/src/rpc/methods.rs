@@ -36,10 +36,7 @@ impl Method {
 
     /// Whether this build answers the method.
     pub fn is_served(self) -> bool {
-        matches!(
-            self,
-            Method::SandboxStart | Method::SandboxStop | Method::SandboxCommandRun
-        )
+        true
     }
 
     /// The `-32601` answer for a known method this build does not serve.
@@ -85,18 +82,19 @@ mod tests {
             Method::lookup("sandbox.command.run"),
             Ok(Method::SandboxCommandRun)
         );
+        assert_eq!(
+            Method::lookup("sandbox.repl.run"),
+            Ok(Method::SandboxReplRun)
+        );
     }
 
     #[test]
-    fn later_methods_say_not_yet() {
-        for name in ["sandbox.metrics.get", "sandbox.repl.run"] {
-            let err = Method::lookup(name).unwrap_err();
-            assert_eq!(err.code(), ErrorCode::MethodNotFound);
-            assert_eq!(
-                err.message(),
-                format!("{name} is not available in this moat build yet")
-            );
-        }
+    fn every_method_is_served() {
+        assert_eq!(
+            Method::lookup("sandbox.metrics.get"),
+            Ok(Method::SandboxMetricsGet)
+        );
+        assert!(Method::ALL.iter().all(|m| m.is_served()));
     }
 
     #[test]
@@ -106,7 +104,7 @@ mod tests {
         assert_eq!(
             err.message(),
             "method not found: \"sandbox.explode\"; available methods: \
-             sandbox.start, sandbox.stop, sandbox.command.run"
+             sandbox.start, sandbox.stop, sandbox.command.run, sandbox.metrics.get, sandbox.repl.run"
         );
     }
 }

@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 
 use moat_proto::broker::{
-    RunCommandRequest, SandboxConfig, SandboxRef, StartSandboxRequest, StopSandboxRequest,
+    RunCommandRequest, RunReplRequest, SandboxConfig, SandboxRef, StartSandboxRequest,
+    StopSandboxRequest,
 };
 use moat_proto::names::validate_name;
 use serde::de::DeserializeOwned;
@@ -23,7 +24,34 @@ pub enum Action {
     Start(StartSandboxRequest),
     Stop(StopSandboxRequest),
     RunCommand(RunCommand),
+    RunRepl(RunRepl),
+    Metrics(MetricsQuery),
 }
+
+/// `sandbox.metrics.get`: which namespaces and sandbox to report. The
+/// caller's key decides what `*` means (`rpc::call`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsQuery {
+    /// `None` for `*`: every namespace the key covers.
+    pub namespace: Option<String>,
+    /// Only this sandbox.
+    pub sandbox: Option<String>,
+}
+
+/// `sandbox.repl.run`: the broker request and how to shape its result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRepl {
+    pub request: RunReplRequest,
+    pub output_format: OutputFormat,
+}
+
+/// Language names `sandbox.repl.run` accepts, and what each one means.
+pub const LANGUAGES: [(&str, &str); 4] = [
+    ("python", "python"),
+    ("nodejs", "nodejs"),
+    ("node", "nodejs"),
+    ("javascript", "nodejs"),
+];
 
 /// `sandbox.command.run`: the broker request and how to shape its result.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +78,19 @@ impl Action {
             Action::Start(r) => r.sandbox.as_ref(),
             Action::Stop(r) => r.sandbox.as_ref(),
             Action::RunCommand(r) => r.request.sandbox.as_ref(),
+            Action::RunRepl(r) => r.request.sandbox.as_ref(),
+            Action::Metrics(_) => None,
+        }
+    }
+
+    /// The namespace the action is about (`*` for metrics of all).
+    pub fn namespace(&self) -> &str {
+        match self {
+            Action::Metrics(q) => q.namespace.as_deref().unwrap_or("*"),
+            other => other
+                .target()
+                .map(|t| t.namespace.as_str())
+                .unwrap_or_default(),
         }
     }
 }
@@ -94,6 +135,28 @@ struct CommandRunParams {
     args: Option<Vec<String>>,
     timeout: Option<u32>,
     output_format: Option<OutputFormat>,
+    /// moat extension: `KEY=VALUE` entries added to the sandbox's envs for this call.
+    envs: Option<Vec<String>>,
+    /// moat extension: working directory for this call.
+    workdir: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsParams {
+    namespace: String,
+    sandbox: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplRunParams {
+    sandbox: String,
+    namespace: String,
+    language: String,
+    code: String,
+    timeout: Option<u32>,
+    output_format: Option<OutputFormat>,
 }
 
 /// Parses and checks the params of a served method.
@@ -118,6 +181,7 @@ pub fn parse(method: Method, params: Option<Value>) -> Result<Action, RpcError> 
             Ok(Action::Start(StartSandboxRequest {
                 sandbox: Some(sandbox),
                 config,
+                caller: None,
             }))
         }
         Method::SandboxStop => {
@@ -125,6 +189,7 @@ pub fn parse(method: Method, params: Option<Value>) -> Result<Action, RpcError> 
             let sandbox = sandbox_ref(&p.namespace, &p.sandbox).map_err(invalid)?;
             Ok(Action::Stop(StopSandboxRequest {
                 sandbox: Some(sandbox),
+                caller: None,
             }))
         }
         Method::SandboxCommandRun => {
@@ -133,22 +198,61 @@ pub fn parse(method: Method, params: Option<Value>) -> Result<Action, RpcError> 
             if p.command.is_empty() {
                 return Err(invalid("command cannot be empty".to_owned()));
             }
-            if p.timeout == Some(0) {
-                return Err(invalid(
-                    "timeout must be a positive integer (seconds)".to_owned(),
-                ));
-            }
+            check_timeout(p.timeout).map_err(invalid)?;
+            let envs = p.envs.unwrap_or_default();
+            check_envs("envs", &envs).map_err(invalid)?;
             Ok(Action::RunCommand(RunCommand {
                 request: RunCommandRequest {
                     sandbox: Some(sandbox),
                     command: p.command,
                     args: p.args.unwrap_or_default(),
                     timeout_secs: p.timeout,
+                    envs,
+                    workdir: p.workdir,
+                    caller: None,
                 },
                 output_format: p.output_format.unwrap_or_default(),
             }))
         }
-        Method::SandboxMetricsGet | Method::SandboxReplRun => Err(method.not_available()),
+        Method::SandboxReplRun => {
+            let p: ReplRunParams = deserialize(params).map_err(invalid)?;
+            let sandbox = sandbox_ref(&p.namespace, &p.sandbox).map_err(invalid)?;
+            let Some((_, language)) = LANGUAGES.iter().find(|(name, _)| *name == p.language) else {
+                return Err(invalid(format!(
+                    "language {:?} is not supported; use one of: {}",
+                    shorten(&p.language),
+                    LANGUAGES.map(|(name, _)| name).join(", ")
+                )));
+            };
+            check_timeout(p.timeout).map_err(invalid)?;
+            Ok(Action::RunRepl(RunRepl {
+                request: RunReplRequest {
+                    sandbox: Some(sandbox),
+                    language: (*language).to_owned(),
+                    code: p.code,
+                    timeout_secs: p.timeout,
+                    caller: None,
+                },
+                output_format: p.output_format.unwrap_or_default(),
+            }))
+        }
+        Method::SandboxMetricsGet => {
+            let p: MetricsParams = deserialize(params).map_err(invalid)?;
+            let namespace = if p.namespace == "*" {
+                None
+            } else {
+                validate_name("namespace", &p.namespace)
+                    .map_err(|e| invalid(format!("{e} (or \"*\" for every namespace)")))?;
+                Some(p.namespace)
+            };
+            if let Some(name) = &p.sandbox {
+                validate_name("sandbox name", name).map_err(|e| invalid(e.to_string()))?;
+            }
+            Ok(Action::Metrics(MetricsQuery {
+                namespace,
+                sandbox: p.sandbox,
+            }))
+        }
     }
 }
 
@@ -182,14 +286,7 @@ fn start_config(c: StartConfig) -> Result<SandboxConfig, String> {
         return Err("config.cpus must be a positive integer".to_owned());
     }
     let envs = c.envs.unwrap_or_default();
-    for (i, env) in envs.iter().enumerate() {
-        if !matches!(env.split_once('='), Some((key, _)) if !key.is_empty()) {
-            return Err(format!(
-                "config.envs[{i}] must be KEY=VALUE with a non-empty KEY; got {:?}",
-                shorten(env)
-            ));
-        }
-    }
+    check_envs("config.envs", &envs)?;
     let depends_on = c.depends_on.unwrap_or_default();
     for (i, name) in depends_on.iter().enumerate() {
         validate_name("sandbox name", name).map_err(|e| format!("config.depends_on[{i}]: {e}"))?;
@@ -207,6 +304,25 @@ fn start_config(c: StartConfig) -> Result<SandboxConfig, String> {
         scripts: c.scripts.unwrap_or_default(),
         exec: c.exec,
     })
+}
+
+fn check_timeout(timeout: Option<u32>) -> Result<(), String> {
+    if timeout == Some(0) {
+        return Err("timeout must be a positive integer (seconds)".to_owned());
+    }
+    Ok(())
+}
+
+fn check_envs(field: &str, envs: &[String]) -> Result<(), String> {
+    for (i, env) in envs.iter().enumerate() {
+        if !matches!(env.split_once('='), Some((key, _)) if !key.is_empty()) {
+            return Err(format!(
+                "{field}[{i}] must be KEY=VALUE with a non-empty KEY; got {:?}",
+                shorten(env)
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// At most 64 characters of a caller's value, for messages.
@@ -407,6 +523,39 @@ mod tests {
         assert!(run.request.args.is_empty());
         assert_eq!(run.request.timeout_secs, None);
         assert_eq!(run.output_format, OutputFormat::Json);
+    }
+
+    #[test]
+    fn metrics_params() {
+        let q = |params: Value| match parse(Method::SandboxMetricsGet, Some(params)) {
+            Ok(Action::Metrics(q)) => q,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            q(json!({"namespace": "*"})),
+            MetricsQuery {
+                namespace: None,
+                sandbox: None
+            }
+        );
+        assert_eq!(
+            q(json!({"namespace": "a", "sandbox": "x"})),
+            MetricsQuery {
+                namespace: Some("a".into()),
+                sandbox: Some("x".into())
+            }
+        );
+        let msg = message(Method::SandboxMetricsGet, json!({"namespace": "a*"}));
+        assert!(msg.contains("namespace"), "{msg}");
+        let msg = message(
+            Method::SandboxMetricsGet,
+            json!({"namespace": "*", "sandbox": "*"}),
+        );
+        assert!(msg.contains("sandbox name"), "{msg}");
+        let msg = message(Method::SandboxMetricsGet, json!({}));
+        assert!(msg.contains("missing field `namespace`"), "{msg}");
+        let msg = message(Method::SandboxMetricsGet, json!({"namespace": "a", "x": 1}));
+        assert!(msg.contains("unknown field `x`"), "{msg}");
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //! output lines (or stdout text), joined stderr, and moat's own stderr lines
 //! for a timeout or dropped output.
 
-use moat_proto::broker::{RunCommandReply, Stream};
+use moat_proto::broker::{
+    GetMetricsReply, OutputLine, ReplStatus, RunCommandReply, RunReplReply, Stream,
+};
 use serde_json::{json, Value};
 
-use super::params::{OutputFormat, RunCommand};
+use super::params::{OutputFormat, RunCommand, RunRepl};
 
 /// Exit code reported for a command killed at its timeout (128 + SIGKILL).
 pub const TIMED_OUT_EXIT_CODE: i32 = 137;
@@ -21,65 +23,142 @@ pub fn stopped(name: &str) -> Value {
     Value::String(format!("Sandbox {name} stopped successfully"))
 }
 
+/// `sandbox.metrics.get`'s result: `{"sandboxes": [...]}`, `null` where the
+/// broker does not know a value.
+pub fn metrics(reply: GetMetricsReply) -> Value {
+    let sandboxes: Vec<Value> = reply
+        .sandboxes
+        .into_iter()
+        .map(|s| {
+            json!({
+                "namespace": s.namespace,
+                "name": s.name,
+                "running": s.running,
+                "cpu_usage": s.cpu_usage,
+                "memory_usage": s.memory_usage_mib,
+                "disk_usage": s.disk_usage_bytes,
+            })
+        })
+        .collect();
+    json!({ "sandboxes": sandboxes })
+}
+
+/// Output lines as (is_stderr, text), with moat's own notes appended.
+struct Lines(Vec<(bool, String)>);
+
+impl Lines {
+    fn new(output: Vec<OutputLine>, dropped_bytes: u64) -> Self {
+        let mut lines: Vec<(bool, String)> = output
+            .into_iter()
+            .map(|line| (line.stream() == Stream::Stderr, line.text))
+            .collect();
+        if dropped_bytes > 0 {
+            lines.push((
+                true,
+                format!("moat: output over the limit was cut: {dropped_bytes} bytes dropped"),
+            ));
+        }
+        Self(lines)
+    }
+
+    fn note(&mut self, text: String) {
+        self.0.push((true, text));
+    }
+
+    fn has_stderr(&self) -> bool {
+        self.0.iter().any(|(is_stderr, _)| *is_stderr)
+    }
+
+    /// All stderr text joined with newlines.
+    fn error(&self) -> String {
+        self.0
+            .iter()
+            .filter(|(is_stderr, _)| *is_stderr)
+            .map(|(_, text)| text.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// `output` in the requested format.
+    fn output(self, format: OutputFormat) -> Value {
+        match format {
+            OutputFormat::Json => Value::Array(
+                self.0
+                    .into_iter()
+                    .map(|(is_stderr, text)| {
+                        let stream = if is_stderr { "stderr" } else { "stdout" };
+                        json!({ "stream": stream, "text": text })
+                    })
+                    .collect(),
+            ),
+            OutputFormat::Text => Value::String(
+                self.0
+                    .iter()
+                    .filter(|(is_stderr, _)| !*is_stderr)
+                    .map(|(_, text)| format!("{text}\n"))
+                    .collect(),
+            ),
+        }
+    }
+}
+
 /// `sandbox.command.run`'s result for `run`, from the broker's `reply`.
 pub fn command(run: &RunCommand, reply: RunCommandReply) -> Value {
-    let mut lines: Vec<(bool, String)> = reply
-        .output
-        .into_iter()
-        .map(|line| (line.stream() == Stream::Stderr, line.text))
-        .collect();
-    if reply.dropped_bytes > 0 {
-        lines.push((
-            true,
-            format!(
-                "moat: output over the limit was cut: {} bytes dropped",
-                reply.dropped_bytes
-            ),
-        ));
-    }
+    let mut lines = Lines::new(reply.output, reply.dropped_bytes);
     if reply.timed_out {
-        let line = match run.request.timeout_secs {
+        lines.note(match run.request.timeout_secs {
             Some(secs) => format!("moat: command timed out after {secs} s and was killed"),
             None => "moat: command timed out (the default timeout) and was killed".to_owned(),
-        };
-        lines.push((true, line));
+        });
     }
     let exit_code = if reply.timed_out {
         TIMED_OUT_EXIT_CODE
     } else {
         reply.exit_code
     };
-    let error = lines
-        .iter()
-        .filter(|(is_stderr, _)| *is_stderr)
-        .map(|(_, text)| text.as_str())
-        .collect::<Vec<_>>()
-        .join("\n");
-    let output = match run.output_format {
-        OutputFormat::Json => Value::Array(
-            lines
-                .into_iter()
-                .map(|(is_stderr, text)| {
-                    let stream = if is_stderr { "stderr" } else { "stdout" };
-                    json!({ "stream": stream, "text": text })
-                })
-                .collect(),
-        ),
-        OutputFormat::Text => Value::String(
-            lines
-                .iter()
-                .filter(|(is_stderr, _)| !*is_stderr)
-                .map(|(_, text)| format!("{text}\n"))
-                .collect(),
-        ),
-    };
+    let error = lines.error();
     json!({
         "command": run.request.command,
         "args": run.request.args,
         "exit_code": exit_code,
         "success": exit_code == 0 && !reply.timed_out,
-        "output": output,
+        "output": lines.output(run.output_format),
         "error": error,
+    })
+}
+
+/// `sandbox.repl.run`'s result for `run`, from the broker's `reply`.
+pub fn repl(run: &RunRepl, reply: RunReplReply) -> Value {
+    let repl_status = reply.status();
+    let mut lines = Lines::new(reply.output, reply.dropped_bytes);
+    let status = match repl_status {
+        ReplStatus::Success => "success",
+        ReplStatus::Timeout => "timeout",
+        ReplStatus::Error | ReplStatus::Unspecified => "error",
+    };
+    if repl_status == ReplStatus::Timeout {
+        lines.note(match run.request.timeout_secs {
+            Some(secs) => format!("moat: execution timed out after {secs} s and was interrupted"),
+            None => {
+                "moat: execution timed out (the default timeout) and was interrupted".to_owned()
+            }
+        });
+    }
+    if reply.state_lost {
+        lines.note(
+            "moat: the interpreter was restarted; variables, imports and functions from earlier calls are gone"
+                .to_owned(),
+        );
+    }
+    let has_error = status != "success" || lines.has_stderr();
+    let error = lines.error();
+    json!({
+        "status": status,
+        "language": reply.language,
+        "output": lines.output(run.output_format),
+        "error": error,
+        "has_error": has_error,
+        "state_lost": reply.state_lost,
     })
 }
 
@@ -95,6 +174,9 @@ mod tests {
                 command: "sh".to_owned(),
                 args: vec!["-c".to_owned(), "x".to_owned()],
                 timeout_secs,
+                envs: vec![],
+                workdir: None,
+                caller: None,
             },
             output_format: format,
         }
@@ -119,6 +201,44 @@ mod tests {
             timed_out: false,
             dropped_bytes: 0,
         }
+    }
+
+    #[test]
+    fn metrics_shape_with_nulls_for_unknown() {
+        use moat_proto::broker::SandboxMetrics;
+        let reply = GetMetricsReply {
+            sandboxes: vec![
+                SandboxMetrics {
+                    namespace: "a".into(),
+                    name: "x".into(),
+                    running: true,
+                    cpu_usage: Some(15.5),
+                    memory_usage_mib: Some(256.0),
+                    disk_usage_bytes: Some(1_048_576),
+                },
+                SandboxMetrics {
+                    namespace: "a".into(),
+                    name: "y".into(),
+                    running: false,
+                    cpu_usage: None,
+                    memory_usage_mib: None,
+                    disk_usage_bytes: None,
+                },
+            ],
+        };
+        assert_eq!(
+            metrics(reply),
+            json!({"sandboxes": [
+                {"namespace": "a", "name": "x", "running": true, "cpu_usage": 15.5,
+                 "memory_usage": 256.0, "disk_usage": 1_048_576},
+                {"namespace": "a", "name": "y", "running": false, "cpu_usage": null,
+                 "memory_usage": null, "disk_usage": null},
+            ]})
+        );
+        assert_eq!(
+            metrics(GetMetricsReply::default()),
+            json!({"sandboxes": []})
+        );
     }
 
     #[test]
@@ -217,5 +337,59 @@ mod tests {
         };
         let result = command(&run(OutputFormat::Json, None), r);
         assert_eq!(result["output"], json!([{"stream": "stdout", "text": "x"}]));
+    }
+
+    fn repl_run(timeout_secs: Option<u32>) -> RunRepl {
+        RunRepl {
+            request: moat_proto::broker::RunReplRequest {
+                sandbox: None,
+                language: "python".to_owned(),
+                code: "x".to_owned(),
+                timeout_secs,
+                caller: None,
+            },
+            output_format: OutputFormat::Json,
+        }
+    }
+
+    fn repl_reply(status: ReplStatus, state_lost: bool) -> RunReplReply {
+        RunReplReply {
+            status: status as i32,
+            language: "python".to_owned(),
+            output: vec![line(Stream::Stdout, "hi")],
+            dropped_bytes: 0,
+            state_lost,
+        }
+    }
+
+    #[test]
+    fn repl_success_without_stderr_has_no_error() {
+        let v = repl(&repl_run(None), repl_reply(ReplStatus::Success, false));
+        assert_eq!(v["status"], "success");
+        assert_eq!(v["has_error"], false);
+        assert_eq!(v["error"], "");
+        assert_eq!(v["language"], "python");
+        assert_eq!(v["output"], json!([{"stream": "stdout", "text": "hi"}]));
+    }
+
+    #[test]
+    fn repl_timeout_with_lost_state_says_both() {
+        let v = repl(&repl_run(Some(2)), repl_reply(ReplStatus::Timeout, true));
+        assert_eq!(v["status"], "timeout");
+        assert_eq!(v["has_error"], true);
+        assert_eq!(v["state_lost"], true);
+        let error = v["error"].as_str().unwrap();
+        assert!(error.contains("timed out after 2 s"), "{error}");
+        assert!(error.contains("restarted"), "{error}");
+    }
+
+    #[test]
+    fn repl_success_with_stderr_has_error() {
+        let mut reply = repl_reply(ReplStatus::Success, false);
+        reply.output.push(line(Stream::Stderr, "warning"));
+        let v = repl(&repl_run(None), reply);
+        assert_eq!(v["status"], "success");
+        assert_eq!(v["has_error"], true);
+        assert_eq!(v["error"], "warning");
     }
 }

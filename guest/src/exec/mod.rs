@@ -23,7 +23,8 @@ use moat_proto::agent::{Exec, ExecResult};
 
 use crate::error::Result;
 use failure::{bad_workdir, cannot_run};
-use request::{resolve, Spec};
+use request::Spec;
+pub use request::{parse_env, path_of, resolve, workdir_path};
 
 /// Output kept when the request says 0.
 pub const DEFAULT_MAX_OUTPUT: u64 = 1 << 20;

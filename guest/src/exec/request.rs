@@ -69,18 +69,8 @@ impl<'a> Spec<'a> {
                 "exec: program, args, env and workdir must not contain NUL",
             ));
         }
-        let mut env = Vec::with_capacity(req.env.len());
-        for entry in &req.env {
-            match entry.split_once('=') {
-                Some((key, value)) if !key.is_empty() => env.push((key, value)),
-                _ => return Err(bad(format!("exec: env entry {entry:?} is not KEY=VALUE"))),
-            }
-        }
-        let workdir = Path::new("/").join(if req.workdir.is_empty() {
-            "/"
-        } else {
-            &req.workdir
-        });
+        let env = parse_env("exec", &req.env)?;
+        let workdir = workdir_path(&req.workdir);
         let cap = match req.max_output_bytes {
             0 => DEFAULT_MAX_OUTPUT,
             n => n.min(HARD_MAX_OUTPUT),
@@ -99,12 +89,35 @@ impl<'a> Spec<'a> {
     /// PATH of the request's environment (the last definition wins, as for
     /// the child).
     pub fn path_var(&self) -> &'a str {
-        self.env
-            .iter()
-            .rev()
-            .find(|(k, _)| *k == "PATH")
-            .map_or(DEFAULT_PATH, |(_, v)| v)
+        path_of(&self.env)
     }
+}
+
+/// Splits `KEY=VALUE` entries at the first '='; `what` names the request
+/// kind in the error.
+pub fn parse_env<'a>(what: &str, entries: &'a [String]) -> Result<Vec<(&'a str, &'a str)>> {
+    let mut env = Vec::with_capacity(entries.len());
+    for entry in entries {
+        match entry.split_once('=') {
+            Some((key, value)) if !key.is_empty() => env.push((key, value)),
+            _ => return Err(bad(format!("{what}: env entry {entry:?} is not KEY=VALUE"))),
+        }
+    }
+    Ok(env)
+}
+
+/// PATH of a parsed environment (the last definition wins, as for the
+/// child), or [`DEFAULT_PATH`].
+pub fn path_of<'a>(env: &[(&'a str, &'a str)]) -> &'a str {
+    env.iter()
+        .rev()
+        .find(|(k, _)| *k == "PATH")
+        .map_or(DEFAULT_PATH, |(_, v)| v)
+}
+
+/// A request's working directory as an absolute path ("/" when empty).
+pub fn workdir_path(workdir: &str) -> PathBuf {
+    Path::new("/").join(if workdir.is_empty() { "/" } else { workdir })
 }
 
 /// Finds `program` like `execvp`: as given if it has a '/', otherwise in the

@@ -4,7 +4,7 @@
 //! exit in case an escaped grandchild keeps them open.
 
 use std::io::{self, Read};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, ChildStderr, ChildStdout, ExitStatus};
 use std::time::{Duration, Instant};
@@ -15,23 +15,12 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 use super::{DRAIN_AFTER_EXIT, MAX_LINES};
+use crate::fd::pidfd_open;
 use crate::output::Collector;
 
 /// Exit-status polling interval when pidfds are unavailable.
 const TICK: Duration = Duration::from_millis(10);
 const READ_CHUNK: usize = 64 * 1024;
-
-/// Opens a pidfd for `pid` (readable once it exits), if the kernel has them.
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    let pid = libc::pid_t::try_from(pid).ok()?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; it
-    // touches no memory of ours.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
-    // SAFETY: `fd` was just returned by pidfd_open, is open and owned by no
-    // one else.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
-}
 
 /// Reads one chunk from a ready pipe. `false` once the pipe is finished.
 fn pump(pipe: &mut impl Read, stream: Stream, out: &mut Collector, buf: &mut [u8]) -> bool {

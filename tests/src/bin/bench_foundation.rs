@@ -1,6 +1,8 @@
 //! Foundation benchmark: `sandbox.start` latency (request to response, a fresh
-//! sandbox each time), `sandbox.command.run` round trip for `true`, and the
-//! VM process's peak RSS — each over repeated runs, printed as median and p99.
+//! sandbox each time), `sandbox.command.run` round trip for `true`, the first
+//! `sandbox.repl.run` of a sandbox (interpreter start) and warm `print(1)`
+//! round trips for Python and Node, and the VM process's peak RSS — each over
+//! repeated runs, printed as median and p99.
 //!
 //! Usage (root, after `make setup`): `moat-bench-foundation [RUNS]`
 
@@ -56,7 +58,7 @@ fn main() {
         s.run("bench-rt", "true", &[]);
     }
     let mut rt_ms = Vec::new();
-    for _ in 0..runs.max(10) * 3 {
+    for _ in 0..100 {
         let t = Instant::now();
         let r = s.run("bench-rt", "true", &[]);
         rt_ms.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -64,8 +66,43 @@ fn main() {
     }
     std::thread::sleep(Duration::from_millis(100));
     s.stop_sandbox("bench-rt");
+
+    let mut repl_figures = Vec::new();
+    for (image, language, code) in [
+        ("microsandbox/python", "python", "print(1)"),
+        ("microsandbox/node", "nodejs", "console.log(1)"),
+    ] {
+        let mut first_ms = Vec::new();
+        let mut warm_ms = Vec::new();
+        for i in 0..runs.div_ceil(2).max(2) {
+            let name = format!("bench-{language}-{i}");
+            s.start_sandbox(&name, json!({"image": image}));
+            let t = Instant::now();
+            let r = s.repl(&name, language, code);
+            first_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(r["status"], "success", "{r}");
+            if i == 0 {
+                for _ in 0..100 {
+                    let t = Instant::now();
+                    let r = s.repl(&name, language, code);
+                    warm_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                    assert_eq!(r["output"][0]["text"], "1");
+                }
+            }
+            s.stop_sandbox(&name);
+        }
+        repl_figures.push((language, first_ms, warm_ms));
+    }
     println!("moat foundation benchmark ({runs} runs; QEMU accel as chosen by the broker)");
     report("sandbox.start (request -> response)", "ms", start_ms);
     report("command.run `true` round trip", "ms", rt_ms);
     report("VM process peak RSS (VmHWM) after `true`", "MiB", rss_mib);
+    for (language, first, warm) in repl_figures {
+        report(
+            &format!("first repl.run ({language}, cold interpreter)"),
+            "ms",
+            first,
+        );
+        report(&format!("warm repl.run print(1) ({language})"), "ms", warm);
+    }
 }

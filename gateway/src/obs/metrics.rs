@@ -1,0 +1,267 @@
+//! Prometheus metrics: HTTP requests by route and status with latency
+//! histograms, sandbox operations by method and outcome, JSON-RPC errors by
+//! code, MCP sessions, and — asked of the broker at scrape time — sandboxes
+//! running. Rendered in the text exposition format by `GET /metrics`, which
+//! can be bound to its own address (`metrics.listen`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+
+use crate::state::AppState;
+
+/// Histogram bucket bounds, seconds.
+const BUCKETS: [f64; 14] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0,
+];
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, secs: f64) {
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                self.counts[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += secs;
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    http: BTreeMap<(String, u16), u64>,
+    http_latency: BTreeMap<String, Histogram>,
+    calls: BTreeMap<(String, String, String), u64>,
+    call_latency: BTreeMap<(String, String), Histogram>,
+    errors: BTreeMap<i32, u64>,
+}
+
+/// The gateway's counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+/// The route label of a request path (bounded: unknown paths are `other`).
+pub fn route_label(path: &str) -> &'static str {
+    match path {
+        "/api/v1/rpc" => "/api/v1/rpc",
+        "/api/v1/health" => "/api/v1/health",
+        "/mcp" => "/mcp",
+        "/metrics" => "/metrics",
+        _ => "other",
+    }
+}
+
+impl Metrics {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        match self.inner.lock() {
+            Ok(inner) => inner,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// One HTTP request answered.
+    pub fn http_request(&self, route: &'static str, status: u16, took: Duration) {
+        let mut inner = self.lock();
+        *inner.http.entry((route.to_owned(), status)).or_default() += 1;
+        inner
+            .http_latency
+            .entry(route.to_owned())
+            .or_default()
+            .observe(took.as_secs_f64());
+    }
+
+    /// One sandbox operation (JSON-RPC call or MCP tool call) done.
+    pub fn rpc_call(&self, via: &str, method: &str, code: Option<i32>, took: Duration) {
+        // Unknown method names are the caller's text: one bucket for them.
+        let method = if method.starts_with("sandbox.") && !method.contains('"') {
+            method
+        } else {
+            "unknown"
+        };
+        let outcome = if code.is_some() { "error" } else { "ok" };
+        let mut inner = self.lock();
+        *inner
+            .calls
+            .entry((via.to_owned(), method.to_owned(), outcome.to_owned()))
+            .or_default() += 1;
+        inner
+            .call_latency
+            .entry((via.to_owned(), method.to_owned()))
+            .or_default()
+            .observe(took.as_secs_f64());
+        if let Some(code) = code {
+            *inner.errors.entry(code).or_default() += 1;
+        }
+    }
+
+    /// An error answered before any call ran (auth, limits, framing).
+    pub fn error(&self, code: i32) {
+        *self.lock().errors.entry(code).or_default() += 1;
+    }
+
+    /// The exposition text; `running` is the broker's count (None: the
+    /// broker did not answer), `sessions` the live MCP sessions.
+    pub fn render(&self, running: Option<u32>, sessions: usize) -> String {
+        let inner = self.lock();
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP moat_gateway_http_requests_total HTTP requests answered, by route and status."
+        );
+        let _ = writeln!(out, "# TYPE moat_gateway_http_requests_total counter");
+        for ((route, status), n) in &inner.http {
+            let _ = writeln!(
+                out,
+                "moat_gateway_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        histograms(
+            &mut out,
+            "moat_gateway_http_request_duration_seconds",
+            "HTTP request latency, by route.",
+            inner
+                .http_latency
+                .iter()
+                .map(|(route, h)| (format!("route=\"{route}\""), h)),
+        );
+        let _ = writeln!(out, "# HELP moat_gateway_sandbox_operations_total Sandbox operations, by interface, method and outcome.");
+        let _ = writeln!(out, "# TYPE moat_gateway_sandbox_operations_total counter");
+        for ((via, method, outcome), n) in &inner.calls {
+            let _ = writeln!(out, "moat_gateway_sandbox_operations_total{{via=\"{via}\",method=\"{method}\",outcome=\"{outcome}\"}} {n}");
+        }
+        histograms(
+            &mut out,
+            "moat_gateway_sandbox_operation_duration_seconds",
+            "Sandbox operation latency, by interface and method.",
+            inner
+                .call_latency
+                .iter()
+                .map(|((via, method), h)| (format!("via=\"{via}\",method=\"{method}\""), h)),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP moat_gateway_errors_total JSON-RPC errors returned, by code."
+        );
+        let _ = writeln!(out, "# TYPE moat_gateway_errors_total counter");
+        for (code, n) in &inner.errors {
+            let _ = writeln!(out, "moat_gateway_errors_total{{code=\"{code}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP moat_gateway_mcp_sessions MCP sessions alive.");
+        let _ = writeln!(out, "# TYPE moat_gateway_mcp_sessions gauge");
+        let _ = writeln!(out, "moat_gateway_mcp_sessions {sessions}");
+        let _ = writeln!(
+            out,
+            "# HELP moat_gateway_broker_up Whether the broker answered the scrape's health check."
+        );
+        let _ = writeln!(out, "# TYPE moat_gateway_broker_up gauge");
+        let _ = writeln!(
+            out,
+            "moat_gateway_broker_up {}",
+            u8::from(running.is_some())
+        );
+        if let Some(running) = running {
+            let _ = writeln!(
+                out,
+                "# HELP moat_sandboxes_running Sandboxes running, as the broker counts them."
+            );
+            let _ = writeln!(out, "# TYPE moat_sandboxes_running gauge");
+            let _ = writeln!(out, "moat_sandboxes_running {running}");
+        }
+        out
+    }
+}
+
+fn histograms<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    series: impl Iterator<Item = (String, &'a Histogram)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (labels, h) in series {
+        for (bound, count) in BUCKETS.iter().zip(h.counts) {
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
+    }
+}
+
+/// `GET /metrics`.
+pub async fn handler(State(state): State<AppState>) -> impl IntoResponse {
+    let running = state
+        .broker()
+        .health(state.deadlines().health.min(Duration::from_secs(2)))
+        .await
+        .ok()
+        .map(|reply| reply.running_sandboxes);
+    let body = state.metrics().render(running, state.sessions().len());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_histograms_and_gauges() {
+        let m = Metrics::default();
+        m.http_request("/api/v1/rpc", 200, Duration::from_millis(3));
+        m.http_request("/api/v1/rpc", 200, Duration::from_millis(30));
+        m.rpc_call(
+            "jsonrpc",
+            "sandbox.stop",
+            Some(-32003),
+            Duration::from_millis(1),
+        );
+        m.rpc_call(
+            "jsonrpc",
+            "\"evil\"",
+            Some(-32601),
+            Duration::from_millis(1),
+        );
+        m.error(-32002);
+        let text = m.render(Some(3), 2);
+        for needle in [
+            "moat_gateway_http_requests_total{route=\"/api/v1/rpc\",status=\"200\"} 2",
+            "moat_gateway_http_request_duration_seconds_bucket{route=\"/api/v1/rpc\",le=\"0.005\"} 1",
+            "moat_gateway_http_request_duration_seconds_bucket{route=\"/api/v1/rpc\",le=\"+Inf\"} 2",
+            "moat_gateway_http_request_duration_seconds_count{route=\"/api/v1/rpc\"} 2",
+            "moat_gateway_sandbox_operations_total{via=\"jsonrpc\",method=\"sandbox.stop\",outcome=\"error\"} 1",
+            "method=\"unknown\"",
+            "moat_gateway_errors_total{code=\"-32003\"} 1",
+            "moat_gateway_errors_total{code=\"-32002\"} 1",
+            "moat_sandboxes_running 3",
+            "moat_gateway_mcp_sessions 2",
+            "moat_gateway_broker_up 1",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in:\n{text}");
+        }
+        assert!(!text.contains("evil"));
+        let text = m.render(None, 0);
+        assert!(text.contains("moat_gateway_broker_up 0"));
+        assert!(!text.contains("moat_sandboxes_running"));
+    }
+}

@@ -1,0 +1,200 @@
+//! The `Setup` request: writes the sandbox config's scripts to
+//! `<root>/scripts/<name>` (mode 0755, a `#!<shell>` line added when they
+//! have none; via a temporary file and a rename), then launches `exec`
+//! (`<shell> -c <exec>`) or else the script named `start` in the background:
+//! its own session (setsid), stdin `/dev/null`, the request's env and
+//! workdir, stdout and stderr appended to `<root>/logs/background.log`
+//! through a pipe that [`log`] drains and bounds. The process is never
+//! killed by the agent; it lives as long as the VM. A waiter thread reaps it.
+//! In the VM `<root>` is [`ROOT`]; tests use a temporary directory.
+
+mod log;
+#[cfg(test)]
+mod tests;
+
+use std::ffi::OsStr;
+use std::fs::{self, DirBuilder, OpenOptions, Permissions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+
+use moat_proto::agent::{Setup, SetupResult};
+
+use crate::error::{AgentError, Context, Result};
+use crate::exec::{parse_env, path_of, resolve, workdir_path};
+use crate::fd;
+
+/// Where scripts and logs live in the VM.
+pub const ROOT: &str = "/.sandbox";
+/// Shell used when the request names none.
+pub const DEFAULT_SHELL: &str = "/bin/sh";
+/// Log bound used when the request says 0.
+pub const DEFAULT_LOG_MAX: u64 = 1 << 20;
+/// Name of the script run when `exec` is empty.
+pub const START_SCRIPT: &str = "start";
+/// Most scripts per request.
+pub const MAX_SCRIPTS: usize = 256;
+
+/// Handles `req` in the VM.
+pub fn run(req: &Setup) -> Result<SetupResult> {
+    run_in(Path::new(ROOT), req)
+}
+
+fn bad(msg: impl Into<String>) -> AgentError {
+    AgentError::BadRequest(msg.into())
+}
+
+/// Whether `name` is a valid script name: `[A-Za-z0-9._-]+`, not `.`/`..`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn mkdir(path: &Path) -> Result<()> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+        .ctx(|| format!("create {}", path.display()))?;
+    fs::set_permissions(path, Permissions::from_mode(0o755))
+        .ctx(|| format!("chmod {}", path.display()))
+}
+
+/// Writes one script atomically. The temporary name has a `~`, which no
+/// script name can contain.
+fn write_script(dir: &Path, name: &str, content: &str, shell: &str) -> Result<()> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}~moat-tmp"));
+    let what = || format!("write {}", path.display());
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o755)
+        .open(&tmp)
+        .ctx(what)?;
+    if !content.starts_with("#!") {
+        file.write_all(format!("#!{shell}\n").as_bytes())
+            .ctx(what)?;
+    }
+    file.write_all(content.as_bytes()).ctx(what)?;
+    // The mode given to open() is filtered by the umask.
+    file.set_permissions(Permissions::from_mode(0o755))
+        .ctx(what)?;
+    drop(file);
+    fs::rename(&tmp, &path).ctx(what)
+}
+
+/// Writes the scripts, then starts the background process if there is one.
+pub fn run_in(root: &Path, req: &Setup) -> Result<SetupResult> {
+    if req.scripts.len() > MAX_SCRIPTS {
+        return Err(bad(format!(
+            "setup: {} scripts (limit {MAX_SCRIPTS})",
+            req.scripts.len()
+        )));
+    }
+    if let Some(s) = req.scripts.iter().find(|s| !valid_name(&s.name)) {
+        return Err(bad(format!(
+            "setup: invalid script name {:?} (allowed: letters, digits, '.', '_', '-'; not \
+             \".\" or \"..\")",
+            s.name
+        )));
+    }
+    let strings = [&req.shell, &req.workdir, &req.exec]
+        .into_iter()
+        .chain(&req.env);
+    if strings.clone().any(|s| s.contains('\0')) {
+        return Err(bad(
+            "setup: shell, env, workdir and exec must not contain NUL",
+        ));
+    }
+    let env = parse_env("setup", &req.env)?;
+    let shell = if req.shell.is_empty() {
+        DEFAULT_SHELL
+    } else {
+        &req.shell
+    };
+
+    let scripts = root.join("scripts");
+    mkdir(&scripts)?;
+    for script in &req.scripts {
+        write_script(&scripts, &script.name, &script.content, shell)?;
+    }
+
+    let workdir = workdir_path(&req.workdir);
+    let (program, args): (PathBuf, Vec<&str>) = if !req.exec.is_empty() {
+        let program = resolve(shell, path_of(&env), &workdir).map_err(|e| {
+            AgentError::Unavailable(format!("setup: cannot run shell {shell:?}: {e}"))
+        })?;
+        (program, vec!["-c", &req.exec])
+    } else if req.scripts.iter().any(|s| s.name == START_SCRIPT) {
+        (scripts.join(START_SCRIPT), Vec::new())
+    } else {
+        return Ok(SetupResult { background_pid: 0 });
+    };
+
+    let logs = root.join("logs");
+    mkdir(&logs)?;
+    let log_path = logs.join("background.log");
+    let log_file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o644)
+        .open(&log_path)
+        .ctx(|| format!("open {}", log_path.display()))?;
+    let cap = match req.log_max_bytes {
+        0 => DEFAULT_LOG_MAX,
+        n => n,
+    };
+
+    let (read_end, write_end) = fd::pipe().ctx(|| "create the background output pipe")?;
+    let stderr_end = write_end
+        .try_clone()
+        .ctx(|| "duplicate the background output pipe")?;
+    let mut cmd = Command::new(&program);
+    cmd.args(&args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (OsStr::new(k), OsStr::new(v))))
+        .current_dir(&workdir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::from(stderr_end));
+    // SAFETY: setsid is async-signal-safe and touches no memory; a freshly
+    // forked child is never a process group leader, so it cannot fail.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let spawned = cmd.spawn();
+    // Drop our copies of the pipe's write end (held by `cmd`), or the drain
+    // would never see end-of-file.
+    drop(cmd);
+    let mut child = spawned.map_err(|e| {
+        AgentError::Unavailable(format!(
+            "setup: cannot start the background process {}: {e}",
+            program.display()
+        ))
+    })?;
+    let pid = child.id();
+    log::spawn_drain(read_end, log::LogSink::new(log_file, cap));
+    let waiter = thread::Builder::new()
+        .name(format!("background-{pid}"))
+        .spawn(move || {
+            let _ = child.wait();
+        });
+    if let Err(e) = waiter {
+        crate::log::log!("cannot start a thread to reap background process {pid}: {e}");
+    }
+    Ok(SetupResult {
+        background_pid: pid,
+    })
+}
