@@ -45,6 +45,19 @@ pub struct BrokerConfig {
     pub sandbox_ids: IdRange,
     pub cgroups: CgroupConfig,
     pub testing: TestingConfig,
+    pub jail: JailConfig,
+}
+
+/// How VM processes are confined.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JailConfig {
+    /// The `moat-jailer` binary; default: next to `moat-broker`.
+    pub jailer: Option<PathBuf>,
+    /// DEVELOPMENT ONLY: run VM processes without namespaces, pivot_root,
+    /// rlimits or the seccomp filter (uid, cgroup and no_new_privs remain).
+    /// Logged loudly at start and at every sandbox start.
+    pub development_unjailed: bool,
 }
 
 /// Switches for the project's own test suites; all off in production.
@@ -164,6 +177,7 @@ impl Default for BrokerConfig {
             sandbox_ids: IdRange::default(),
             cgroups: CgroupConfig::default(),
             testing: TestingConfig::default(),
+            jail: JailConfig::default(),
         }
     }
 }
@@ -372,6 +386,9 @@ impl BrokerConfig {
                 "cgroups.parent {:?} must be a relative path without '.' or '..'",
                 self.cgroups.parent
             ));
+        }
+        if self.jail.jailer.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return bad("jail.jailer must be an absolute path".into());
         }
         for (what, p) in [
             ("boot.kernel", &self.boot.kernel),

@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use moat_broker::cgroups::CgroupManager;
 use moat_broker::config::BrokerConfig;
+use moat_broker::jail::JailMode;
 use moat_broker::sandbox::{LaunchContext, Sandboxes};
 use moat_broker::service::BrokerService;
 use moat_broker::slots::SlotAllocator;
@@ -98,6 +99,23 @@ async fn run(config: BrokerConfig) -> Result<()> {
     });
     tracing::info!(vmm = %vmm.describe(), "VM backend chosen");
 
+    let jail_mode = if config.jail.development_unjailed {
+        tracing::warn!("DEVELOPMENT MODE: VM processes run WITHOUT the jail (no namespaces, pivot_root, rlimits or seccomp filter); never use this in production");
+        JailMode::Unjailed
+    } else {
+        let jailer = match &config.jail.jailer {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()?.with_file_name("moat-jailer"),
+        };
+        if !jailer.is_file() {
+            bail!(
+                "jailer {} not found: install moat-jailer next to moat-broker or set [jail] jailer",
+                jailer.display()
+            );
+        }
+        tracing::info!(jailer = %jailer.display(), "VM processes are jailed");
+        JailMode::Jailer(jailer)
+    };
     let cgroups = CgroupManager::detect(&config.cgroups.root, &config.cgroups.parent)?;
     tracing::info!(hierarchy = ?cgroups.hierarchy(), "cgroups");
     sweep_leftovers(&cgroups, &config.state_dir.join("vms"));
@@ -114,6 +132,7 @@ async fn run(config: BrokerConfig) -> Result<()> {
             config.limits.max_sandboxes_per_namespace,
         ),
         initramfs,
+        jail_mode,
     };
     let sandboxes = Arc::new(Sandboxes::new(ctx));
     let service = BrokerService::new(sandboxes.clone(), vmm.describe());

@@ -515,8 +515,19 @@ parent = "{cgroup_parent}"
         lines_of(result, "stdout")
     }
 
-    /// Pids of VM processes running under this server's sandbox uids.
+    /// (pid, uid) of the VM processes (the VMMs themselves, not the
+    /// jailer waiting for them) running under this server's sandbox uids.
     pub fn vm_pids(&self) -> Vec<(i32, u32)> {
+        self.sandbox_processes()
+            .into_iter()
+            .filter(|(pid, _)| {
+                fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("qemu"))
+            })
+            .collect()
+    }
+
+    /// (pid, uid) of every process running under this server's sandbox uids.
+    pub fn sandbox_processes(&self) -> Vec<(i32, u32)> {
         processes_with_uids(self.uid_base..self.uid_base + self.uid_count)
     }
 
@@ -547,10 +558,10 @@ parent = "{cgroup_parent}"
     pub fn assert_no_leftovers(&self) {
         // Processes may take a moment to be reaped after a stop's reply.
         let start = Instant::now();
-        while !self.vm_pids().is_empty() && start.elapsed() < Duration::from_secs(5) {
+        while !self.sandbox_processes().is_empty() && start.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(50));
         }
-        assert_eq!(self.vm_pids(), vec![], "VM processes left");
+        assert_eq!(self.sandbox_processes(), vec![], "VM processes left");
         assert_eq!(self.cgroups(), Vec::<PathBuf>::new(), "cgroups left");
         assert_eq!(self.vm_dirs(), Vec::<PathBuf>::new(), "VM directories left");
     }

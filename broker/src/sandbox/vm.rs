@@ -19,7 +19,7 @@ use crate::config::BrokerConfig;
 use crate::console::ConsoleLog;
 use crate::disk::create_writable_disk;
 use crate::error::BrokerError;
-use crate::jail::{self, JailSpec};
+use crate::jail::{self, JailLayout, JailMode, JailSpec};
 use crate::quota::{NamespacePermit, NamespaceQuota};
 use crate::slots::{Slot, SlotAllocator};
 use crate::vmm::{VmSpec, Vmm};
@@ -41,9 +41,15 @@ pub struct LaunchContext {
     pub running: Arc<Semaphore>,
     pub namespaces: NamespaceQuota,
     pub initramfs: PathBuf,
+    pub jail_mode: JailMode,
 }
 
 impl LaunchContext {
+    /// Directory holding the per-VM jail roots (mount points, empty on the host).
+    pub fn jails_dir(&self) -> PathBuf {
+        self.config.state_dir.join("jails")
+    }
+
     /// Directory holding per-VM directories.
     pub fn vms_dir(&self) -> PathBuf {
         self.config.state_dir.join("vms")
@@ -107,6 +113,12 @@ impl VmResources {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => problems.push(format!("remove {}: {e}", self.dir.display())),
+        }
+        let root = ctx.jails_dir().join(self.slot.index.to_string());
+        match tokio::fs::remove_dir(&root).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => problems.push(format!("remove {}: {e}", root.display())),
         }
         if problems.is_empty() {
             ctx.slots.release(self.slot);
@@ -270,13 +282,26 @@ async fn boot(
     let procs = cgroup.procs_files();
     res.cgroup = Some(cgroup);
 
-    let agent_socket = res.dir.join("agent.sock");
+    let layout = match ctx.jail_mode {
+        JailMode::Jailer(_) => JailLayout::jailed,
+        JailMode::Unjailed => JailLayout::unjailed,
+    }(
+        cfg.boot.kernel.clone(),
+        ctx.initramfs.clone(),
+        spec.image_disk.clone(),
+        res.dir.clone(),
+    );
+    debug_assert_eq!(layout.host_vm_file("rw.ext4"), writable);
+    let agent_socket = layout.host_vm_file("agent.sock");
+    let root = ctx.jails_dir().join(res.slot.index.to_string());
+    let _ = tokio::fs::remove_dir(&root).await;
+    make_private_dir(&root, 0).map_err(|e| fail("cannot create the jail root", &e))?;
     let vm_spec = VmSpec {
-        kernel: cfg.boot.kernel.clone(),
-        initramfs: ctx.initramfs.clone(),
-        image_disk: spec.image_disk.clone(),
-        writable_disk: writable,
-        agent_socket: agent_socket.clone(),
+        kernel: layout.kernel.inside.clone(),
+        initramfs: layout.initramfs.inside.clone(),
+        image_disk: layout.image.inside.clone(),
+        writable_disk: layout.in_vm_dir("rw.ext4"),
+        agent_socket: layout.in_vm_dir("agent.sock"),
         memory_mib: spec.memory_mib,
         cpus: spec.cpus,
         hostname: hostname.to_string(),
@@ -289,9 +314,17 @@ async fn boot(
         extra_groups: ctx.vmm.extra_groups(),
         cgroup_procs: procs,
         dir: res.dir.clone(),
+        root,
+        layout,
+        devices: ctx.vmm.devices(),
+        hostname: format!("moat-vm-{}", res.slot.index),
+        rlimit_nofile: 1024,
+        rlimit_fsize: u64::from(limits.writable_disk_mib) << 20,
+        rlimit_nproc: u64::from(limits.vmm_pids_max),
     };
     let started = Instant::now();
-    let mut child = jail::spawn(&plan, &jail).map_err(|e| fail("cannot start the VM", &e))?;
+    let mut child =
+        jail::spawn(&plan, &jail, &ctx.jail_mode).map_err(|e| fail("cannot start the VM", &e))?;
     let pid = child.id();
     let console = ConsoleLog::new(CONSOLE_BYTES);
     if let Some(out) = child.stdout.take() {

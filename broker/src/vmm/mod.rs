@@ -45,6 +45,8 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     fn describe(&self) -> String;
     /// Supplementary groups the VM process needs (e.g. the owner of /dev/kvm).
     fn extra_groups(&self) -> Vec<u32>;
+    /// Device nodes the VM process needs inside its jail.
+    fn devices(&self) -> Vec<&'static str>;
     /// The command line that runs `spec`.
     fn launch_plan(&self, spec: &VmSpec) -> LaunchPlan;
 }

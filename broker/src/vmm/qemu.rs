@@ -32,6 +32,14 @@ impl Vmm for Qemu {
         }
     }
 
+    fn devices(&self) -> Vec<&'static str> {
+        let mut d = vec!["null", "zero", "random", "urandom"];
+        if self.accel == Accel::Kvm {
+            d.push("kvm");
+        }
+        d
+    }
+
     fn launch_plan(&self, spec: &VmSpec) -> LaunchPlan {
         let (accel, cpu) = match self.accel {
             Accel::Kvm => ("kvm", "host"),

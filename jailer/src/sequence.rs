@@ -1,0 +1,119 @@
+//! The jail sequence, always in this order (each step assumes the ones
+//! before it):
+//!
+//! 1. validate the spec (`spec.rs`, before this function runs);
+//! 2. close every inherited fd above stderr; clear the environment;
+//! 3. join the sandbox's cgroups (memory, CPU, pids limits apply from here);
+//! 4. new mount, PID, IPC, UTS and network namespaces;
+//! 5. fork: the child is PID 1 of the new PID namespace; the parent drops to
+//!    the sandbox's ids, waits for it and exits with its status;
+//! 6. child: build the jail root (tmpfs, read-only binds of what the VMM
+//!    needs, device nodes, /proc) and `pivot_root` into it; hostname;
+//! 7. rlimits (open files, file size, processes, no core dumps);
+//! 8. drop every capability from the bounding set, then supplementary
+//!    groups, gid and uid (real, effective, saved); clear ambient caps;
+//! 9. `no_new_privs`; parent-death SIGKILL;
+//! 10. seccomp filters (allow-list compiled from `seccomp/*.json`);
+//! 11. exec the VMM with an empty environment.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult};
+
+use crate::error::JailError;
+use crate::spec::JailSpec;
+use crate::{mounts, privileges, seccomp};
+
+/// Runs the sequence; returns only on failure (the success path execs).
+pub fn run(spec: &JailSpec) -> JailError {
+    match steps(spec) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+fn steps(spec: &JailSpec) -> Result<std::convert::Infallible, JailError> {
+    // Step 2.
+    // SAFETY: close_range with plain integer arguments; fds 0-2 stay.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if r < 0 {
+        return Err(JailError::step("close inherited fds")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let program = CString::new(spec.program.as_os_str().as_bytes())
+        .map_err(|_| JailError::Spec("program contains NUL".into()))?;
+    let mut argv = vec![program.clone()];
+    for a in &spec.args {
+        argv.push(
+            CString::new(a.as_bytes())
+                .map_err(|_| JailError::Spec("argument contains NUL".into()))?,
+        );
+    }
+    let cap_last = privileges::last_cap()?;
+    let filters = seccomp::filters();
+
+    // Step 3.
+    for procs in &spec.cgroup_procs {
+        std::fs::write(procs, b"0").map_err(JailError::step("join cgroup"))?;
+    }
+    // Step 4.
+    unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWNET,
+    )
+    .map_err(JailError::errno("unshare namespaces"))?;
+    // Step 5.
+    // SAFETY: the jailer is single-threaded, so fork is safe; the child only
+    // runs this function's remaining steps and then execs.
+    match unsafe { fork() }.map_err(JailError::errno("fork into the PID namespace"))? {
+        ForkResult::Parent { child } => {
+            let broker = nix::unistd::getppid();
+            privileges::drop_ids(spec)?;
+            privileges::no_new_privs()?;
+            // The uid change cleared the parent-death signal the broker set:
+            // set it again, so this waiter (and with it the VM) dies with
+            // the broker.
+            privileges::die_with_parent()?;
+            if nix::unistd::getppid() != broker {
+                privileges::die_by(nix::sys::signal::Signal::SIGKILL);
+            }
+            loop {
+                match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
+                    Ok(WaitStatus::Signaled(_, sig, _)) => privileges::die_by(sig),
+                    Ok(_) => continue,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(JailError::errno("wait for the VM process")(e)),
+                }
+            }
+        }
+        ForkResult::Child => {}
+    }
+    // Step 6.
+    mounts::enter_root(spec)?;
+    nix::unistd::sethostname(&spec.hostname).map_err(JailError::errno("sethostname"))?;
+    // Step 7.
+    privileges::set_rlimits(spec)?;
+    // Step 8.
+    privileges::drop_bounding_set(cap_last)?;
+    privileges::drop_ids(spec)?;
+    // Step 9.
+    privileges::no_new_privs()?;
+    privileges::die_with_parent()?;
+    // Step 10.
+    seccomp::install(&filters)?;
+    // Step 11.
+    let env: [CString; 0] = [];
+    let err = nix::unistd::execve(&program, &argv, &env).map_err(JailError::errno("exec the VMM"));
+    match err {
+        Err(e) => Err(e),
+        Ok(never) => match never {},
+    }
+}
