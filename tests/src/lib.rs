@@ -50,6 +50,9 @@ pub struct Options {
     pub extra_images: Vec<(String, PathBuf)>,
     /// Let guest agents honour `moat-test-hook` commands.
     pub agent_test_hooks: bool,
+    /// Run VM processes without the jail (`[jail] development_unjailed`),
+    /// for measuring what the jail costs.
+    pub unjailed: bool,
     pub max_calls_per_sandbox: u32,
     pub max_output_bytes: u64,
     /// Start without `--dev`: the gateway requires API keys (secret and
@@ -68,6 +71,7 @@ impl Default for Options {
             max_sandboxes: 8,
             extra_images: Vec::new(),
             agent_test_hooks: false,
+            unjailed: false,
             max_calls_per_sandbox: 16,
             max_output_bytes: 1 << 20,
             keys: false,
@@ -187,6 +191,8 @@ max_calls_per_sandbox = {max_calls}
 max_output_bytes = {max_output}
 [testing]
 agent_hooks = {hooks}
+[jail]
+development_unjailed = {unjailed}
 [sandbox_ids]
 base = {uid_base}
 count = {uid_count}
@@ -202,6 +208,7 @@ parent = "{cgroup_parent}"
             max_calls = opts.max_calls_per_sandbox,
             max_output = opts.max_output_bytes,
             hooks = opts.agent_test_hooks,
+            unjailed = opts.unjailed,
         );
         let config_path = dir.path().join("broker.toml");
         fs::write(&config_path, config).expect("write config");

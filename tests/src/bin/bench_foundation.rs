@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use moat_e2e::{peak_rss_kib, Server};
+use moat_e2e::{peak_rss_kib, Options, Server};
 use serde_json::json;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -51,6 +51,22 @@ fn main() {
             }
         }
         s.stop_sandbox(&name);
+    }
+    // The same starts without the jail (the development switch), for what
+    // the jail costs.
+    let mut unjailed_ms = Vec::new();
+    {
+        let u = Server::start_with(Options {
+            unjailed: true,
+            ..Options::default()
+        });
+        for i in 0..runs {
+            let name = format!("bench-unjailed-{i}");
+            let t = Instant::now();
+            u.start_sandbox(&name, json!({"memory": 512}));
+            unjailed_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            u.stop_sandbox(&name);
+        }
     }
     s.start_sandbox("bench-rt", json!({}));
     // Warm up the guest's page cache for `true`.
@@ -95,6 +111,11 @@ fn main() {
     }
     println!("moat foundation benchmark ({runs} runs; QEMU accel as chosen by the broker)");
     report("sandbox.start (request -> response)", "ms", start_ms);
+    report(
+        "sandbox.start without the jail (dev switch)",
+        "ms",
+        unjailed_ms,
+    );
     report("command.run `true` round trip", "ms", rt_ms);
     report("VM process peak RSS (VmHWM) after `true`", "MiB", rss_mib);
     for (language, first, warm) in repl_figures {
