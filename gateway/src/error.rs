@@ -197,12 +197,24 @@ impl IntoResponse for RpcError {
     fn into_response(self) -> Response {
         let body = json!({"jsonrpc": "2.0", "error": self.to_json(), "id": null});
         let mut response = (self.status, Json(body)).into_response();
+        close_after_unread_body(&mut response);
         if let Some(secs) = self.retry_after_secs {
             if let Ok(value) = HeaderValue::from_str(&secs.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, value);
             }
         }
         response
+    }
+}
+
+/// A 413 leaves the request body unread, so the connection cannot carry
+/// another request: say so, and clients open a fresh one instead of
+/// reusing it.
+pub fn close_after_unread_body(response: &mut Response) {
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
 }
 
@@ -422,6 +434,15 @@ mod tests {
         let response = RpcError::unauthenticated("no").into_response();
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
         assert!(response.headers().get(header::RETRY_AFTER).is_none());
+    }
+
+    #[test]
+    fn body_too_large_closes_the_connection() {
+        let response = RpcError::body_too_large(1024).into_response();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(response.headers().get(header::CONNECTION).unwrap(), "close");
+        let response = RpcError::invalid_request("x".to_owned()).into_response();
+        assert!(response.headers().get(header::CONNECTION).is_none());
     }
 
     #[test]

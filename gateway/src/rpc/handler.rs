@@ -85,6 +85,7 @@ fn single(response: Response) -> HttpResponse {
         Err(err) => err.status(),
     };
     let mut http = (status, Json(response.to_json())).into_response();
+    crate::error::close_after_unread_body(&mut http);
     if let Err(err) = &response.outcome {
         if let Some(secs) = err.retry_after_secs() {
             if let Ok(value) = axum::http::HeaderValue::from_str(&secs.to_string()) {
