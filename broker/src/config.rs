@@ -288,6 +288,14 @@ impl BrokerConfig {
         if !self.state_dir.is_absolute() {
             return bad(format!("state_dir {:?} must be absolute", self.state_dir));
         }
+        if let Some(socket_dir) = self.socket.parent() {
+            if self.state_dir.starts_with(socket_dir) {
+                return bad(format!(
+                    "state_dir {:?} lies inside the socket's directory {:?}, which is made 0750 for the gateway's group: VM processes could not reach their files; use separate directories",
+                    self.state_dir, socket_dir
+                ));
+            }
+        }
         if self.state_dir.as_os_str().len() > 80 {
             return bad(format!(
                 "state_dir {:?} is too long: per-VM sockets live under it (keep it under 80 bytes)",
@@ -481,6 +489,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("sandbox_ids"));
+
+        let mut c = valid();
+        c.socket = "/run/moat/broker.sock".into();
+        c.state_dir = "/run/moat/state".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("socket's directory"));
 
         let mut c = valid();
         c.vmm.accel = "hvf".into();

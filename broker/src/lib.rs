@@ -15,6 +15,7 @@ pub mod disk;
 pub mod error;
 pub mod initramfs;
 pub mod jail;
+pub mod privileges;
 pub mod quota;
 pub mod sandbox;
 pub mod server;

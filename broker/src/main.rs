@@ -71,6 +71,11 @@ fn main() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("moat-broker must run as root (it creates cgroups and drops each VM to its own uid)");
     }
+    moat_broker::privileges::restrict()?;
+    tracing::info!(
+        kept = ?moat_broker::privileges::KEPT.iter().map(|(c, _)| c.to_string()).collect::<Vec<_>>(),
+        "broker capabilities restricted"
+    );
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

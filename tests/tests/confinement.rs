@@ -120,6 +120,22 @@ fn vm_processes_are_jailed() {
         .collect::<Vec<_>>();
     assert!(a.contains(&((256 + 256) << 20, 2.0)), "{a:?}");
     assert!(a.contains(&((512 + 256) << 20, 1.0)), "{a:?}");
+    // The broker itself keeps only its documented capabilities
+    // (broker/src/privileges.rs): CHOWN, DAC_OVERRIDE, FOWNER, KILL, SETGID,
+    // SETUID, SETPCAP, SYS_ADMIN, MKNOD.
+    let broker = s
+        .daemons()
+        .into_iter()
+        .find(|d| d.2 == "moat-broker")
+        .expect("broker process");
+    for cap in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(
+            status_field(broker.0, cap),
+            "00000000082001eb",
+            "broker {cap}"
+        );
+    }
+    assert_eq!(status_field(broker.0, "CapInh:"), "0000000000000000");
     s.stop_sandbox("jail-a");
     s.stop_sandbox("jail-b");
     s.assert_no_leftovers();
