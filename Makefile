@@ -41,7 +41,7 @@ fuzz:
 
 test:
 	packaging/dev/setup.sh release
-	$(MAKE) lint unit e2e fuzz
+	$(MAKE) lint unit fuzz e2e
 
 bench: setup
 	$(CARGO) build --locked --release -p moat-e2e --bin moat-bench-foundation

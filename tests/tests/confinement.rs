@@ -93,6 +93,15 @@ fn vm_processes_are_jailed() {
                 "{kind} namespace shared"
             );
         }
+        // Its network namespace has nothing but an (unconfigured) loopback.
+        let net = fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap();
+        let ifaces: Vec<&str> = net
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split(':').next())
+            .map(str::trim)
+            .collect();
+        assert_eq!(ifaces, vec!["lo"], "{net}");
         // PID 1 of its own PID namespace.
         let nspid = status_field(pid, "NSpid:");
         assert!(
