@@ -6,6 +6,7 @@
 //!   length-prefixed codec both sides use.
 
 pub mod frame;
+pub mod languages;
 pub mod names;
 
 /// Broker <-> gateway messages (package `moat.broker.v1`).

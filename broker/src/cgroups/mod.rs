@@ -263,15 +263,6 @@ impl Cgroup {
                 .ok(),
         }
     }
-
-    /// Peak memory charged to the cgroup, bytes, where the kernel reports it.
-    pub fn memory_peak_bytes(&self) -> Option<u64> {
-        let file = match self.hierarchy {
-            Hierarchy::V2 => self.dirs[0].join("memory.peak"),
-            Hierarchy::V1 => self.dirs.first()?.join("memory.max_usage_in_bytes"),
-        };
-        fs::read_to_string(file).ok()?.trim().parse().ok()
-    }
 }
 
 /// True when `dir` is on a real cgroup filesystem (whose control files

@@ -69,14 +69,6 @@ pub struct ReplRequest {
     pub timeout_secs: Option<u32>,
 }
 
-/// Accepted language names and the session each one runs in.
-const LANGUAGES: [(&str, &str); 4] = [
-    ("python", "python"),
-    ("nodejs", "nodejs"),
-    ("node", "nodejs"),
-    ("javascript", "nodejs"),
-];
-
 fn check_timeout(timeout_secs: Option<u32>, limits: &Limits) -> Result<u32, BrokerError> {
     let timeout = timeout_secs.unwrap_or(limits.default_command_timeout_secs);
     if timeout == 0 || timeout > limits.max_command_timeout_secs {
@@ -92,12 +84,11 @@ impl ReplRequest {
     /// Returns (session language, timeout secs).
     fn check(&self, limits: &Limits) -> Result<(&'static str, u32), BrokerError> {
         let bad = |m: String| Err(BrokerError::InvalidArgument(m));
-        let Some((_, language)) = LANGUAGES.iter().find(|(n, _)| *n == self.language) else {
-            let names: Vec<&str> = LANGUAGES.iter().map(|(n, _)| *n).collect();
+        let Some(language) = moat_proto::languages::session_language(&self.language) else {
             return bad(format!(
                 "language {:?} is not supported; use one of: {}",
                 self.language.chars().take(32).collect::<String>(),
-                names.join(", ")
+                moat_proto::languages::accepted()
             ));
         };
         if self.code.len() > limits.max_code_bytes as usize {

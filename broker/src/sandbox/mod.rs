@@ -244,7 +244,9 @@ impl Sandboxes {
                     name: key.name.clone(),
                     running: vm.is_alive(),
                     cpu_usage: vm.cpu_percent(),
-                    memory_usage_mib: vm.cgroup_memory().0.map(|b| b as f64 / (1024.0 * 1024.0)),
+                    memory_usage_mib: vm
+                        .cgroup_memory_bytes()
+                        .map(|b| b as f64 / (1024.0 * 1024.0)),
                     disk_usage_bytes: vm.disk_usage_bytes(),
                 },
                 None => SandboxMetrics {

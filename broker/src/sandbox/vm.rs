@@ -65,9 +65,7 @@ pub struct RunningVm {
     pub spec: SandboxSpec,
     pub agent: AgentClient,
     pub exit: ExitWatch,
-    pub console: ConsoleLog,
     pub pid: Option<u32>,
-    pub kernel_release: String,
     /// Permits for calls in flight (`limits.max_calls_per_sandbox`).
     calls: Arc<Semaphore>,
     repl_sessions: super::exec::ReplSessions,
@@ -226,9 +224,7 @@ pub async fn launch(
             spec: parts.spec,
             agent: parts.agent,
             exit: parts.exit,
-            console: parts.console,
             pid: parts.pid,
-            kernel_release: parts.kernel_release,
             calls: Arc::new(Semaphore::new(limits.max_calls_per_sandbox as usize)),
             repl_sessions: Default::default(),
             resources: res,
@@ -246,9 +242,7 @@ struct Booted {
     spec: SandboxSpec,
     agent: AgentClient,
     exit: ExitWatch,
-    console: ConsoleLog,
     pid: Option<u32>,
-    kernel_release: String,
 }
 
 async fn boot(
@@ -379,9 +373,7 @@ async fn boot(
                 spec,
                 agent,
                 exit: exit_rx,
-                console,
                 pid,
-                kernel_release: hello.kernel_release,
             })
         }
         Err(cause) => {
@@ -506,11 +498,11 @@ impl RunningVm {
         self.exit.borrow().is_none()
     }
 
-    /// Memory the VM's cgroup is charged now and at its peak, bytes.
-    pub fn cgroup_memory(&self) -> (Option<u64>, Option<u64>) {
-        match &self.resources.cgroup {
-            Some(cg) => (cg.memory_bytes(), cg.memory_peak_bytes()),
-            None => (None, None),
-        }
+    /// Memory the VM's cgroup is charged now, bytes.
+    pub fn cgroup_memory_bytes(&self) -> Option<u64> {
+        self.resources
+            .cgroup
+            .as_ref()
+            .and_then(Cgroup::memory_bytes)
     }
 }

@@ -45,14 +45,6 @@ pub struct RunRepl {
     pub output_format: OutputFormat,
 }
 
-/// Language names `sandbox.repl.run` accepts, and what each one means.
-pub const LANGUAGES: [(&str, &str); 4] = [
-    ("python", "python"),
-    ("nodejs", "nodejs"),
-    ("node", "nodejs"),
-    ("javascript", "nodejs"),
-];
-
 /// `sandbox.command.run`: the broker request and how to shape its result.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunCommand {
@@ -217,18 +209,18 @@ pub fn parse(method: Method, params: Option<Value>) -> Result<Action, RpcError> 
         Method::SandboxReplRun => {
             let p: ReplRunParams = deserialize(params).map_err(invalid)?;
             let sandbox = sandbox_ref(&p.namespace, &p.sandbox).map_err(invalid)?;
-            let Some((_, language)) = LANGUAGES.iter().find(|(name, _)| *name == p.language) else {
+            let Some(language) = moat_proto::languages::session_language(&p.language) else {
                 return Err(invalid(format!(
                     "language {:?} is not supported; use one of: {}",
                     shorten(&p.language),
-                    LANGUAGES.map(|(name, _)| name).join(", ")
+                    moat_proto::languages::accepted()
                 )));
             };
             check_timeout(p.timeout).map_err(invalid)?;
             Ok(Action::RunRepl(RunRepl {
                 request: RunReplRequest {
                     sandbox: Some(sandbox),
-                    language: (*language).to_owned(),
+                    language: language.to_owned(),
                     code: p.code,
                     timeout_secs: p.timeout,
                     caller: None,
