@@ -377,6 +377,21 @@ impl BrokerConfig {
                 self.vmm.accel
             ));
         }
+        let qemu = &self.vmm.qemu;
+        if !qemu.is_absolute()
+            || qemu
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+        {
+            return bad(format!(
+                "vmm.qemu {qemu:?} must be an absolute path without '..'"
+            ));
+        }
+        if !self.jail.development_unjailed && !qemu.starts_with("/usr") {
+            return bad(format!(
+                "vmm.qemu {qemu:?} is outside /usr, the only host directory a jailed VM process sees; install QEMU under /usr"
+            ));
+        }
         if !self.images.local.contains_key(&self.images.default) {
             return bad(format!(
                 "images.default {:?} is not listed in [images.local]",
@@ -498,6 +513,16 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("socket's directory"));
+
+        let mut c = valid();
+        c.vmm.qemu = "/opt/qemu/bin/qemu-system-x86_64".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("outside /usr"));
+        c.jail.development_unjailed = true;
+        c.validate().unwrap();
 
         let mut c = valid();
         c.vmm.accel = "hvf".into();

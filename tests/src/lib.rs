@@ -62,6 +62,9 @@ pub struct Options {
     /// `[auth]`); when non-empty, or with `keys`, the harness writes a
     /// gateway config and passes `--gateway-config`.
     pub gateway_toml: String,
+    /// The VMM binary the broker runs (`[vmm] qemu`); default: the host's
+    /// QEMU.
+    pub qemu: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -76,6 +79,7 @@ impl Default for Options {
             max_output_bytes: 1 << 20,
             keys: false,
             gateway_toml: String::new(),
+            qemu: None,
         }
     }
 }
@@ -198,6 +202,8 @@ base = {uid_base}
 count = {uid_count}
 [cgroups]
 parent = "{cgroup_parent}"
+[vmm]
+qemu = "{qemu}"
 "#,
             socket = socket.display(),
             state = state_dir.display(),
@@ -209,6 +215,11 @@ parent = "{cgroup_parent}"
             max_output = opts.max_output_bytes,
             hooks = opts.agent_test_hooks,
             unjailed = opts.unjailed,
+            qemu = opts
+                .qemu
+                .as_deref()
+                .unwrap_or(Path::new("/usr/bin/qemu-system-x86_64"))
+                .display(),
         );
         let config_path = dir.path().join("broker.toml");
         fs::write(&config_path, config).expect("write config");

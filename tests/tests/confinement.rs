@@ -1,11 +1,16 @@
 //! Confinement of VM processes, read from the host's /proc while a sandbox
 //! runs: ids, capabilities, no_new_privs, seccomp, the jail root and the
-//! namespaces.
+//! namespaces; a probe run in a real sandbox's jail; a VM process killed
+//! by SIGSYS.
 
 use std::fs;
-use std::path::Path;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
-use moat_e2e::{cgroup_limits, Server};
+use moat_e2e::{cgroup_limits, Options, Server};
 use serde_json::json;
 
 fn status_field(pid: i32, key: &str) -> String {
@@ -147,5 +152,241 @@ fn vm_processes_are_jailed() {
     assert_eq!(status_field(broker.0, "CapInh:"), "0000000000000000");
     s.stop_sandbox("jail-a");
     s.stop_sandbox("jail-b");
+    s.assert_no_leftovers();
+}
+
+/// The jailer command line that launched VM process `pid` (its parent is
+/// the jailer's waiting half, which keeps the original argv), and the
+/// jailer binary itself.
+fn jail_command(pid: i32) -> (PathBuf, Vec<String>) {
+    let ppid: i32 = status_field(pid, "PPid:").parse().unwrap();
+    let exe = fs::read_link(format!("/proc/{ppid}/exe")).unwrap();
+    let raw = fs::read(format!("/proc/{ppid}/cmdline")).unwrap();
+    let args = raw
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .skip(1)
+        .map(|a| String::from_utf8(a.to_vec()).unwrap())
+        .collect();
+    (exe, args)
+}
+
+/// The value of `flag` in a jailer command line whose value ends with
+/// `suffix`.
+fn flag_value(args: &[String], flag: &str, suffix: &str) -> String {
+    args.windows(2)
+        .find(|w| w[0] == flag && w[1].ends_with(suffix))
+        .map(|w| w[1].clone())
+        .unwrap_or_else(|| panic!("{flag} …{suffix} missing in {args:?}"))
+}
+
+/// Runs the probe through the same jailer with the jail arguments of a real
+/// sandbox (its uid, binds, devices, rlimits; namespaces and seccomp are
+/// the jailer's own), with a fresh root and outside the sandbox's cgroup.
+struct Probe {
+    jailer: PathBuf,
+    args: Vec<String>,
+    bin_dir: tempfile::TempDir,
+    root: tempfile::TempDir,
+}
+
+impl Probe {
+    fn for_vm(pid: i32) -> Self {
+        let (jailer, args) = jail_command(pid);
+        let bin_dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(bin_dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let probe = bin_dir.path().join("moat-jail-probe");
+        fs::copy(env!("CARGO_BIN_EXE_moat-jail-probe"), &probe).unwrap();
+        fs::set_permissions(&probe, fs::Permissions::from_mode(0o755)).unwrap();
+        Self {
+            jailer,
+            args,
+            bin_dir,
+            root: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn run(&self, probe_args: &[&str]) -> (std::process::ExitStatus, Vec<String>) {
+        let mut args: Vec<String> = Vec::new();
+        let mut it = self.args.iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--" => break,
+                "--root" => {
+                    it.next();
+                    args.push(a.clone());
+                    args.push(self.root.path().display().to_string());
+                }
+                _ => args.push(a.clone()),
+            }
+        }
+        args.push("--ro".into());
+        args.push(format!("{}:/probe", self.bin_dir.path().display()));
+        args.push("--".into());
+        args.push("/probe/moat-jail-probe".into());
+        args.extend(probe_args.iter().map(|a| a.to_string()));
+        let out = Command::new(&self.jailer)
+            .args(&args)
+            .env_clear()
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let lines = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        eprintln!(
+            "probe {probe_args:?}: {:?}\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status, lines)
+    }
+}
+
+fn outcome<'a>(lines: &'a [String], check: &str) -> &'a str {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix(check)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{check} not reported: {lines:?}"))
+}
+
+#[test]
+fn a_compromised_vmm_reaches_nothing_and_a_forbidden_syscall_kills_it() {
+    let s = Server::start();
+    s.start_sandbox("victim", json!({}));
+    let victim = s.vm_pids();
+    assert_eq!(victim.len(), 1);
+    let victim_pid = victim[0].0;
+    s.start_sandbox("attacker", json!({}));
+    let attacker_pid = s
+        .vm_pids()
+        .into_iter()
+        .find(|(p, _)| *p != victim_pid)
+        .expect("attacker VM")
+        .0;
+    let victim_dir = flag_value(&jail_command(victim_pid).1, "--rw", ":/vm");
+    let victim_disk = format!("{}/rw.ext4", victim_dir.trim_end_matches(":/vm"));
+    assert!(Path::new(&victim_disk).exists(), "{victim_disk}");
+    let probe = Probe::for_vm(attacker_pid);
+
+    // Files: its own disk opens (so the probe really runs with the
+    // attacker's binds); nothing else does.
+    let (status, lines) = probe.run(&["files", &victim_disk, &victim_pid.to_string()]);
+    assert!(status.success(), "{status:?}");
+    assert!(outcome(&lines, "own-disk").starts_with("reached"));
+    for check in [
+        "other-disk",
+        "other-disk-via-proc",
+        "host:/etc/shadow",
+        "host:/etc/passwd",
+        "host:/root",
+        "host:/var/lib/moat",
+        "host:/run/moat",
+        "host:/sys/kernel",
+        "host:/dev/sda",
+        "host:/dev/vda",
+        "host:/dev/mem",
+        "write:/usr",
+        "write:/disk/image",
+        "write:/boot/vmlinux",
+    ] {
+        assert!(
+            outcome(&lines, check).starts_with("denied"),
+            "{check}: {lines:?}"
+        );
+    }
+    // Alone in its PID namespace.
+    assert_eq!(outcome(&lines, "processes"), "reached 1");
+
+    // Network: a datagram to a host listener on loopback and to a host
+    // abstract socket never arrives; the only interface is loopback.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_nonblocking(true).unwrap();
+    let port = udp.local_addr().unwrap().port();
+    let name = format!("moat-probe-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let unix = std::os::unix::net::UnixDatagram::bind_addr(&addr).unwrap();
+    unix.set_nonblocking(true).unwrap();
+    let (status, lines) = probe.run(&["net", &port.to_string(), &name]);
+    assert!(status.success(), "{status:?}");
+    assert!(outcome(&lines, "udp-loopback").starts_with("denied"));
+    assert!(outcome(&lines, "abstract-unix").starts_with("denied"));
+    assert_eq!(outcome(&lines, "interfaces"), "reached lo");
+    let mut buf = [0u8; 64];
+    assert!(
+        udp.recv_from(&mut buf).is_err(),
+        "datagram reached the host"
+    );
+    assert!(
+        unix.recv_from(&mut buf).is_err(),
+        "datagram reached the host"
+    );
+
+    // Outside the allow-list: killed by SIGSYS before the call returns.
+    let gateway_port = s.url.rsplit(':').next().unwrap().to_string();
+    for mode in [vec!["connect", gateway_port.as_str()], vec!["forbidden"]] {
+        let (status, lines) = probe.run(&mode);
+        assert_eq!(status.signal(), Some(libc::SIGSYS), "{mode:?}: {status:?}");
+        assert_eq!(lines.len(), 1, "the call returned: {lines:?}");
+        assert!(lines[0].starts_with("about-to-"), "{lines:?}");
+    }
+
+    // Both real sandboxes are untouched.
+    for name in ["victim", "attacker"] {
+        let r = s.run(name, "echo", &["alive"]);
+        assert_eq!(Server::stdout_lines(&r), vec!["alive"], "{name}");
+    }
+    s.stop_sandbox("victim");
+    s.stop_sandbox("attacker");
+    s.assert_no_leftovers();
+}
+
+/// A copy of the probe under /usr (the only host directory a jailed VM
+/// process sees), removed on drop.
+struct ProbeAsVmm(PathBuf);
+
+impl ProbeAsVmm {
+    fn install() -> Self {
+        let dir = PathBuf::from(format!(
+            "/usr/local/libexec/moat-e2e-{}",
+            std::process::id()
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        let bin = dir.join("moat-jail-probe");
+        fs::copy(env!("CARGO_BIN_EXE_moat-jail-probe"), &bin).unwrap();
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for ProbeAsVmm {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_vm_process_killed_by_seccomp_is_logged_and_reported() {
+    let probe = ProbeAsVmm::install();
+    let s = Server::start_with(Options {
+        qemu: Some(probe.0.join("moat-jail-probe")),
+        ..Options::default()
+    });
+    // The "VMM" makes a call outside the allow-list as soon as it runs.
+    let (code, message) = s.err(
+        "sandbox.start",
+        json!({"sandbox": "doomed", "namespace": "default", "config": {}}),
+    );
+    assert_eq!(code, -32603, "{message}");
+    assert!(message.contains("SIGSYS"), "{message}");
+    assert!(message.contains("seccomp allow-list"), "{message}");
+    let log = s.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("killed by SIGSYS"))
+        .unwrap_or_else(|| panic!("not logged:\n{log}"));
+    assert!(line.contains("ERROR") && line.contains("doomed"), "{line}");
     s.assert_no_leftovers();
 }

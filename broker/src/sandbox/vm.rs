@@ -137,6 +137,7 @@ fn describe_exit(status: std::io::Result<ExitStatus>) -> String {
         Ok(s) => match (s.code(), s.signal()) {
             (Some(code), _) => format!("VM process exited with status {code}"),
             (_, Some(9)) => "VM process was killed by SIGKILL (out of memory for its cgroup, or killed by the broker)".into(),
+            (_, Some(libc::SIGSYS)) => "VM process was killed by SIGSYS: it made a system call outside its seccomp allow-list (jailer/seccomp); the host's kernel audit log (type=1326) names the call".into(),
             (_, Some(sig)) => format!("VM process was killed by signal {sig}"),
             _ => "VM process ended".into(),
         },
@@ -328,9 +329,20 @@ async fn boot(
         tokio::spawn(console.clone().follow(err));
     }
     let (exit_tx, exit_rx) = watch::channel(None);
+    let sandbox = hostname.to_string();
     tokio::spawn(async move {
         let status = child.wait().await;
-        let _ = exit_tx.send(Some(describe_exit(status)));
+        let seccomp_kill = status.as_ref().is_ok_and(|s| {
+            use std::os::unix::process::ExitStatusExt;
+            s.signal() == Some(libc::SIGSYS)
+        });
+        let description = describe_exit(status);
+        if seccomp_kill {
+            tracing::error!(%sandbox, uid, "{description}");
+        } else {
+            tracing::info!(%sandbox, uid, "{description}");
+        }
+        let _ = exit_tx.send(Some(description));
     });
 
     let boot_timeout = Duration::from_secs(u64::from(limits.boot_timeout_secs));
