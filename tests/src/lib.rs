@@ -65,6 +65,8 @@ pub struct Options {
     /// The VMM binary the broker runs (`[vmm] qemu`); default: the host's
     /// QEMU.
     pub qemu: Option<PathBuf>,
+    /// Size of each sandbox's writable disk.
+    pub writable_disk_mib: u32,
 }
 
 impl Default for Options {
@@ -80,6 +82,7 @@ impl Default for Options {
             keys: false,
             gateway_toml: String::new(),
             qemu: None,
+            writable_disk_mib: 1024,
         }
     }
 }
@@ -193,6 +196,7 @@ stop_timeout_secs = 10
 max_command_timeout_secs = 600
 max_calls_per_sandbox = {max_calls}
 max_output_bytes = {max_output}
+writable_disk_mib = {disk}
 [testing]
 agent_hooks = {hooks}
 [jail]
@@ -214,6 +218,7 @@ qemu = "{qemu}"
             max_calls = opts.max_calls_per_sandbox,
             max_output = opts.max_output_bytes,
             hooks = opts.agent_test_hooks,
+            disk = opts.writable_disk_mib,
             unjailed = opts.unjailed,
             qemu = opts
                 .qemu

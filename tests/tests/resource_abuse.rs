@@ -1,0 +1,172 @@
+//! Guests that abuse their resources: memory past their RAM, a fork bomb, a
+//! full disk. The sandbox fails or is held to its limits, the host and the
+//! other sandboxes carry on, and metrics show what happened.
+
+use std::time::{Duration, Instant};
+
+use moat_e2e::{lines_of, Options, Server};
+use serde_json::{json, Value};
+
+fn metrics(s: &Server, name: &str) -> Value {
+    let r = s.ok(
+        "sandbox.metrics.get",
+        json!({"namespace": "default", "sandbox": name}),
+    );
+    r["sandboxes"][0].clone()
+}
+
+fn run_for(s: &Server, name: &str, command: &str, args: &[&str], timeout: u32) -> Value {
+    s.ok(
+        "sandbox.command.run",
+        json!({"sandbox": name, "namespace": "default", "command": command,
+               "args": args, "timeout": timeout}),
+    )
+}
+
+/// The bystander answers, and quickly, whatever its neighbour does.
+fn assert_responsive(s: &Server, name: &str) {
+    let start = Instant::now();
+    let r = s.run(name, "echo", &["alive"]);
+    assert_eq!(Server::stdout_lines(&r), vec!["alive"], "{name}: {r}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{name} took {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn memory_past_the_guest_ram_is_contained_in_the_guest() {
+    let s = Server::start();
+    s.start_sandbox(
+        "hog",
+        json!({"image": "microsandbox/python", "memory": 256}),
+    );
+    s.start_sandbox("bystander", json!({}));
+    let hog_vm = s.vm_pids();
+    let r = run_for(
+        &s,
+        "hog",
+        "python3",
+        &[
+            "-c",
+            "chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))",
+        ],
+        120,
+    );
+    // Python gets MemoryError or the guest's OOM killer ends it: either way
+    // it failed, inside the guest.
+    assert_eq!(r["success"], json!(false), "{r}");
+    assert_ne!(r["exit_code"], json!(0), "{r}");
+    let m = metrics(&s, "hog");
+    let mib = m["memory_usage"].as_f64().expect("memory_usage");
+    assert!(
+        (150.0..=512.0).contains(&mib),
+        "memory_usage {mib} MiB: the guest filled its RAM, within RAM + VMM overhead"
+    );
+    // The VM process survived (its cgroup leaves room for the VMM), and the
+    // sandbox works on.
+    assert_eq!(s.vm_pids(), hog_vm, "a VM process died or appeared");
+    assert_responsive(&s, "hog");
+    assert_responsive(&s, "bystander");
+    s.stop_sandbox("hog");
+    s.stop_sandbox("bystander");
+    s.assert_no_leftovers();
+}
+
+#[test]
+fn a_fork_bomb_stays_in_its_guest_and_is_stopped_by_the_timeout() {
+    let s = Server::start();
+    s.start_sandbox("bomb", json!({"cpus": 1}));
+    s.start_sandbox("bystander", json!({}));
+    let host_processes = s.sandbox_processes().len();
+    std::thread::scope(|scope| {
+        let bomb =
+            scope.spawn(|| run_for(&s, "bomb", "sh", &["-c", "b() { b & b & wait; }; b"], 20));
+        std::thread::sleep(Duration::from_secs(8));
+        // The bomb's processes are guest processes: on the host, its
+        // sandbox is still one VM process (and the jailer waiting on it).
+        assert_eq!(s.sandbox_processes().len(), host_processes);
+        let m = metrics(&s, "bomb");
+        let cpu = m["cpu_usage"].as_f64().expect("cpu_usage");
+        assert!(
+            cpu > 50.0,
+            "cpu_usage {cpu}: the bomb should keep its CPU busy"
+        );
+        assert!(cpu <= 110.0, "cpu_usage {cpu}: held to one CPU");
+        assert_responsive(&s, "bystander");
+        let r = bomb.join().unwrap();
+        assert_eq!(r["success"], json!(false), "{r}");
+    });
+    // The whole process group died with the timeout: the sandbox recovers.
+    let start = Instant::now();
+    loop {
+        let r = s.rpc(
+            "sandbox.command.run",
+            json!({"sandbox": "bomb", "namespace": "default", "command": "sh",
+                   "args": ["-c", "ps | grep -c '[s]h -c b()' || true"], "timeout": 10}),
+        );
+        if r["result"]["success"] == json!(true) && lines_of(&r["result"], "stdout") == vec!["0"] {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "bomb still running: {r}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_responsive(&s, "bomb");
+    s.stop_sandbox("bomb");
+    s.stop_sandbox("bystander");
+    s.assert_no_leftovers();
+}
+
+#[test]
+fn a_full_disk_is_the_guests_problem_only() {
+    let s = Server::start_with(Options {
+        writable_disk_mib: 128,
+        ..Options::default()
+    });
+    s.start_sandbox("filler", json!({}));
+    s.start_sandbox("bystander", json!({}));
+    let before = metrics(&s, "filler")["disk_usage"]
+        .as_f64()
+        .expect("disk_usage");
+    let r = run_for(
+        &s,
+        "filler",
+        "dd",
+        &["if=/dev/zero", "of=/fill", "bs=1M"],
+        300,
+    );
+    assert_eq!(r["success"], json!(false), "{r}");
+    let err = lines_of(&r, "stderr").join("\n");
+    assert!(err.contains("No space left on device"), "{r}");
+    let used = metrics(&s, "filler")["disk_usage"]
+        .as_f64()
+        .expect("disk_usage");
+    assert!(used > before + 64.0 * 1048576.0, "{before} -> {used}");
+    assert!(
+        used <= 129.0 * 1048576.0,
+        "{used} bytes: more than the disk"
+    );
+    // On the host, the disk file never grew past its size.
+    for dir in s.vm_dirs() {
+        let disk = dir.join("rw.ext4");
+        let meta = std::fs::metadata(&disk).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(meta.len(), 128 << 20, "{disk:?}");
+        assert!(meta.blocks() * 512 <= 129 << 20, "{disk:?}");
+    }
+    // The guest can free the space and go on.
+    let r = s.run(
+        "filler",
+        "sh",
+        &["-c", "rm /fill && echo ok > /after && cat /after"],
+    );
+    assert_eq!(Server::stdout_lines(&r), vec!["ok"], "{r}");
+    assert_responsive(&s, "bystander");
+    s.stop_sandbox("filler");
+    s.stop_sandbox("bystander");
+    s.assert_no_leftovers();
+}
