@@ -46,6 +46,31 @@ pub struct BrokerConfig {
     pub cgroups: CgroupConfig,
     pub testing: TestingConfig,
     pub jail: JailConfig,
+    pub volumes: VolumesConfig,
+}
+
+/// Where volume host paths may come from (`config.volumes`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VolumesConfig {
+    /// Holds one directory per namespace; a relative host path is resolved
+    /// inside its namespace's directory.
+    pub dir: PathBuf,
+    /// Absolute host paths are accepted only beneath these directories
+    /// (none by default).
+    pub allowed_roots: Vec<PathBuf>,
+    /// Most volumes per sandbox.
+    pub max_volumes: u32,
+}
+
+impl Default for VolumesConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("/var/lib/moat/volumes"),
+            allowed_roots: Vec::new(),
+            max_volumes: 16,
+        }
+    }
 }
 
 /// How VM processes are confined.
@@ -178,6 +203,7 @@ impl Default for BrokerConfig {
             cgroups: CgroupConfig::default(),
             testing: TestingConfig::default(),
             jail: JailConfig::default(),
+            volumes: VolumesConfig::default(),
         }
     }
 }
@@ -392,6 +418,21 @@ impl BrokerConfig {
                 "vmm.qemu {qemu:?} is outside /usr, the only host directory a jailed VM process sees; install QEMU under /usr"
             ));
         }
+        for (what, p) in std::iter::once(("volumes.dir", &self.volumes.dir)).chain(
+            self.volumes
+                .allowed_roots
+                .iter()
+                .map(|r| ("volumes.allowed_roots", r)),
+        ) {
+            if !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
+                return bad(format!(
+                    "{what} {p:?} must be an absolute path without '..'"
+                ));
+            }
+            if p == Path::new("/") {
+                return bad(format!("{what} cannot be /: it would share the whole host"));
+            }
+        }
         if !self.images.local.contains_key(&self.images.default) {
             return bad(format!(
                 "images.default {:?} is not listed in [images.local]",
@@ -523,6 +564,16 @@ mod tests {
             .contains("outside /usr"));
         c.jail.development_unjailed = true;
         c.validate().unwrap();
+
+        let mut c = valid();
+        c.volumes.allowed_roots = vec!["/".into()];
+        assert!(c.validate().unwrap_err().to_string().contains("whole host"));
+        c.volumes.allowed_roots = vec!["srv/shared".into()];
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("volumes.allowed_roots"));
 
         let mut c = valid();
         c.vmm.accel = "hvf".into();

@@ -5,7 +5,8 @@
 //! Layout: `server` (socket + peer check) → `service` (gRPC handlers) →
 //! `sandbox` (registry, lifecycle, commands) → `vmm` (backends build the VM
 //! process's command line) + `jail` (spawns it confined) + `cgroups` +
-//! `disk` + `agent` (the guest channel) + `console`.
+//! `disk` + `agent` (the guest channel) + `console`; `volumes` resolves
+//! host directories a sandbox asks for.
 
 pub mod agent;
 pub mod cgroups;
@@ -22,3 +23,4 @@ pub mod server;
 pub mod service;
 pub mod slots;
 pub mod vmm;
+pub mod volumes;

@@ -67,6 +67,8 @@ pub struct Options {
     pub qemu: Option<PathBuf>,
     /// Size of each sandbox's writable disk.
     pub writable_disk_mib: u32,
+    /// Extra broker config appended to the harness's (whole tables).
+    pub broker_toml: String,
 }
 
 impl Default for Options {
@@ -83,6 +85,7 @@ impl Default for Options {
             gateway_toml: String::new(),
             qemu: None,
             writable_disk_mib: 1024,
+            broker_toml: String::new(),
         }
     }
 }
@@ -208,6 +211,7 @@ count = {uid_count}
 parent = "{cgroup_parent}"
 [vmm]
 qemu = "{qemu}"
+{extra}
 "#,
             socket = socket.display(),
             state = state_dir.display(),
@@ -219,6 +223,7 @@ qemu = "{qemu}"
             max_output = opts.max_output_bytes,
             hooks = opts.agent_test_hooks,
             disk = opts.writable_disk_mib,
+            extra = opts.broker_toml,
             unjailed = opts.unjailed,
             qemu = opts
                 .qemu

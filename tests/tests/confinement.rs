@@ -390,3 +390,58 @@ fn a_vm_process_killed_by_seccomp_is_logged_and_reported() {
     assert!(line.contains("ERROR") && line.contains("doomed"), "{line}");
     s.assert_no_leftovers();
 }
+
+#[test]
+fn volume_paths_are_resolved_beneath_their_roots() {
+    let tmp = tempfile::tempdir().unwrap();
+    let volumes = tmp.path().join("volumes");
+    let ns = volumes.join("default");
+    fs::create_dir_all(ns.join("data")).unwrap();
+    std::os::unix::fs::symlink("/etc", ns.join("planted")).unwrap();
+    std::os::unix::fs::symlink("../..", ns.join("data/up")).unwrap();
+    let shared = tmp.path().join("shared");
+    fs::create_dir_all(shared.join("x")).unwrap();
+    std::os::unix::fs::symlink("/root", shared.join("link")).unwrap();
+    let s = Server::start_with(Options {
+        broker_toml: format!(
+            "[volumes]\ndir = \"{}\"\nallowed_roots = [\"{}\"]\n",
+            volumes.display(),
+            shared.display()
+        ),
+        ..Options::default()
+    });
+    let start = |volume: &str| {
+        s.err(
+            "sandbox.start",
+            json!({"sandbox": "vol", "namespace": "default",
+                   "config": {"volumes": [volume]}}),
+        )
+    };
+    let shared_link = format!("{}:/d", shared.join("link").display());
+    let shared_up = format!("{}/../../etc:/d", shared.display());
+    for (volume, why) in [
+        ("../../etc:/d", "'..'"),
+        ("data/../../../etc:/d", "'..'"),
+        (shared_up.as_str(), "'..'"),
+        ("/etc:/d", "outside the roots"),
+        ("planted:/d", "symbolic link"),
+        ("data/up:/d", "symbolic link"),
+        ("data/up/etc:/d", "symbolic link"),
+        (shared_link.as_str(), "symbolic link"),
+        ("missing:/d", "does not exist"),
+        ("data:/proc", "/proc"),
+    ] {
+        let (code, message) = start(volume);
+        assert_eq!(code, -32602, "{volume}: {message}");
+        assert!(message.contains(why), "{volume}: {message}");
+    }
+    // Valid ones get as far as the (not yet available) mount.
+    let inside = format!("{}:/x:ro", shared.join("x").display());
+    for volume in ["data:/data", inside.as_str()] {
+        let (code, message) = start(volume);
+        assert_eq!(code, -32602, "{volume}: {message}");
+        assert!(message.contains("volumes are valid"), "{volume}: {message}");
+    }
+    assert!(s.vm_pids().is_empty());
+    s.assert_no_leftovers();
+}

@@ -130,7 +130,7 @@ impl Sandboxes {
         let cfg = &self.ctx.config;
         let wanted = match config {
             Some(c) => Some(
-                SandboxSpec::from_config(c, &cfg.limits, &cfg.images)
+                SandboxSpec::from_config(c, &key.namespace, &cfg.limits, &cfg.images, &cfg.volumes)
                     .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?,
             ),
             None => None,

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 use moat_proto::broker::SandboxConfig;
 
-use crate::config::{ImagesConfig, Limits};
+use crate::config::{ImagesConfig, Limits, VolumesConfig};
+use crate::volumes::{parse_volume, resolve_volume};
 
 /// Most `envs` entries.
 pub const MAX_ENVS: usize = 256;
@@ -44,8 +45,10 @@ fn refuse<T>(msg: String) -> Result<T, SpecError> {
 impl SandboxSpec {
     pub fn from_config(
         c: &SandboxConfig,
+        namespace: &str,
         limits: &Limits,
         images: &ImagesConfig,
+        volumes: &VolumesConfig,
     ) -> Result<Self, SpecError> {
         let image_name = c.image.clone().unwrap_or_else(|| images.default.clone());
         let Some(image_disk) = images.local.get(&image_name) else {
@@ -69,11 +72,7 @@ impl SandboxSpec {
                 limits.max_cpus
             ));
         }
-        if !c.volumes.is_empty() {
-            return refuse(
-                "volumes are not supported by this moat build yet; remove config.volumes".into(),
-            );
-        }
+        check_volumes(&c.volumes, namespace, volumes)?;
         if !c.ports.is_empty() {
             return refuse("ports need guest networking, which this moat build does not provide yet; remove config.ports".into());
         }
@@ -151,6 +150,42 @@ impl SandboxSpec {
     }
 }
 
+/// Every volume is parsed and its host directory resolved beneath its root
+/// (see `crate::volumes`), so a bad one is refused with its own reason.
+/// Mounting them needs the shared-directory device, which this build does
+/// not have yet: valid volumes are refused after that, saying so.
+fn check_volumes(
+    requested: &[String],
+    namespace: &str,
+    cfg: &VolumesConfig,
+) -> Result<(), SpecError> {
+    if requested.is_empty() {
+        return Ok(());
+    }
+    if requested.len() > cfg.max_volumes as usize {
+        return refuse(format!(
+            "{} volumes given; the limit is {}",
+            requested.len(),
+            cfg.max_volumes
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for v in requested {
+        let req = parse_volume(v).map_err(|e| SpecError(e.to_string()))?;
+        if !seen.insert(req.container.clone()) {
+            return refuse(format!(
+                "two volumes are mounted at {}; give each its own container path",
+                req.container
+            ));
+        }
+        resolve_volume(v, &req, namespace, cfg).map_err(|e| SpecError(e.to_string()))?;
+    }
+    refuse(
+        "the volumes are valid, but mounting volumes is not supported by this moat build yet; remove config.volumes"
+            .into(),
+    )
+}
+
 /// A script name becomes a file name in the guest: `[A-Za-z0-9._-]`, at
 /// most 64 bytes, not `.` or `..`.
 pub fn check_script_name(name: &str) -> Result<(), SpecError> {
@@ -214,7 +249,13 @@ mod tests {
     }
 
     fn spec(c: SandboxConfig) -> Result<SandboxSpec, SpecError> {
-        SandboxSpec::from_config(&c, &Limits::default(), &images())
+        SandboxSpec::from_config(
+            &c,
+            "default",
+            &Limits::default(),
+            &images(),
+            &VolumesConfig::default(),
+        )
     }
 
     #[test]
@@ -272,7 +313,36 @@ mod tests {
             ..Default::default()
         })
         .unwrap_err();
-        assert!(e.0.contains("volumes"), "{e}");
+        assert!(e.0.contains("volume"), "{e}");
+    }
+
+    #[test]
+    fn volumes_are_resolved_then_refused_until_mounting_exists() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("default/data")).unwrap();
+        let cfg = VolumesConfig {
+            dir: tmp.path().to_owned(),
+            allowed_roots: Vec::new(),
+            max_volumes: 2,
+        };
+        let with = |volumes: &[&str]| {
+            SandboxSpec::from_config(
+                &SandboxConfig {
+                    volumes: volumes.iter().map(|v| v.to_string()).collect(),
+                    ..Default::default()
+                },
+                "default",
+                &Limits::default(),
+                &images(),
+                &cfg,
+            )
+            .unwrap_err()
+            .0
+        };
+        assert!(with(&["data:/d"]).contains("not supported by this moat build yet"));
+        assert!(with(&["../x:/d"]).contains("'..'"));
+        assert!(with(&["data:/d", "data:/d:ro"]).contains("two volumes"));
+        assert!(with(&["data:/a", "data:/b", "data:/c"]).contains("limit is 2"));
     }
 
     #[test]
