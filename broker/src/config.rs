@@ -140,6 +140,14 @@ pub struct Limits {
     pub max_sandboxes_per_namespace: u32,
     /// Size of each sandbox's writable disk (its disk quota).
     pub writable_disk_mib: u32,
+    /// Disk throughput caps per sandbox, bytes per second (0: no cap),
+    /// applied by the VMM to every guest disk and by the cgroup's I/O
+    /// controller on the host devices holding them.
+    pub disk_read_bps: u64,
+    pub disk_write_bps: u64,
+    /// Disk operation-rate caps per sandbox, per second (0: no cap).
+    pub disk_read_iops: u64,
+    pub disk_write_iops: u64,
     /// Host memory the VMM process itself needs on top of guest RAM; the
     /// cgroup memory limit is guest RAM + this.
     pub vmm_overhead_mib: u32,
@@ -245,6 +253,10 @@ impl Default for Limits {
             max_sandboxes: 32,
             max_sandboxes_per_namespace: 16,
             writable_disk_mib: 1024,
+            disk_read_bps: 256 << 20,
+            disk_write_bps: 256 << 20,
+            disk_read_iops: 10_000,
+            disk_write_iops: 10_000,
             vmm_overhead_mib: 256,
             vmm_pids_max: 256,
             boot_timeout_secs: 60,
@@ -276,6 +288,18 @@ impl Default for CgroupConfig {
         Self {
             root: PathBuf::from("/sys/fs/cgroup"),
             parent: "moat".into(),
+        }
+    }
+}
+
+impl Limits {
+    /// The disk caps as one value.
+    pub fn disk_io(&self) -> crate::disk::DiskIo {
+        crate::disk::DiskIo {
+            read_bps: self.disk_read_bps,
+            write_bps: self.disk_write_bps,
+            read_iops: self.disk_read_iops,
+            write_iops: self.disk_write_iops,
         }
     }
 }

@@ -7,6 +7,24 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+/// Bandwidth and operation-rate caps on a sandbox's disks, each per second
+/// and per direction; 0 means no cap. Enforced twice: by the VMM's block
+/// throttling (every guest I/O) and by the cgroup's I/O controller on the
+/// host devices holding the disk files (where the host has one).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskIo {
+    pub read_bps: u64,
+    pub write_bps: u64,
+    pub read_iops: u64,
+    pub write_iops: u64,
+}
+
+impl DiskIo {
+    pub fn is_unlimited(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// Errors creating a writable disk.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {

@@ -122,7 +122,7 @@ async fn run(config: BrokerConfig) -> Result<()> {
         JailMode::Jailer(jailer)
     };
     let cgroups = CgroupManager::detect(&config.cgroups.root, &config.cgroups.parent)?;
-    tracing::info!(hierarchy = ?cgroups.hierarchy(), "cgroups");
+    let cgroups = with_io_limits(cgroups, &config);
     sweep_leftovers(&cgroups, &config.state_dir.join("vms"));
 
     let ctx = LaunchContext {
@@ -205,4 +205,27 @@ fn sweep_leftovers(cgroups: &CgroupManager, vms_dir: &Path) {
             }
         }
     }
+}
+
+/// Finds the host block devices holding the sandboxes' disk files (the
+/// state directory and every image) so the cgroup I/O limits can name them,
+/// and says what is and is not covered.
+fn with_io_limits(cgroups: CgroupManager, config: &BrokerConfig) -> CgroupManager {
+    if config.limits.disk_io().is_unlimited() {
+        tracing::info!(hierarchy = ?cgroups.hierarchy(), "cgroups (no disk I/O caps configured)");
+        return cgroups;
+    }
+    if !cgroups.io_controller() {
+        tracing::warn!(hierarchy = ?cgroups.hierarchy(), "cgroups have no I/O controller here: disk caps are enforced by the VMM's throttling only");
+        return cgroups;
+    }
+    let paths = std::iter::once(config.state_dir.as_path())
+        .chain(config.images.local.values().map(PathBuf::as_path));
+    let (devices, uncovered) = moat_broker::cgroups::backing_devices(paths, Path::new("/sys"));
+    for p in uncovered {
+        tracing::warn!(path = %p.display(), "not on a block device: its disk I/O is capped by the VMM's throttling only");
+    }
+    let shown: Vec<String> = devices.iter().map(ToString::to_string).collect();
+    tracing::info!(hierarchy = ?cgroups.hierarchy(), io_devices = ?shown, "cgroups");
+    cgroups.with_io_devices(devices)
 }

@@ -69,6 +69,8 @@ pub struct Options {
     pub writable_disk_mib: u32,
     /// Extra broker config appended to the harness's (whole tables).
     pub broker_toml: String,
+    /// Extra lines for the broker's `[limits]` table.
+    pub limits_toml: String,
 }
 
 impl Default for Options {
@@ -86,6 +88,7 @@ impl Default for Options {
             qemu: None,
             writable_disk_mib: 1024,
             broker_toml: String::new(),
+            limits_toml: String::new(),
         }
     }
 }
@@ -200,6 +203,7 @@ max_command_timeout_secs = 600
 max_calls_per_sandbox = {max_calls}
 max_output_bytes = {max_output}
 writable_disk_mib = {disk}
+{limits_extra}
 [testing]
 agent_hooks = {hooks}
 [jail]
@@ -224,6 +228,7 @@ qemu = "{qemu}"
             hooks = opts.agent_test_hooks,
             disk = opts.writable_disk_mib,
             extra = opts.broker_toml,
+            limits_extra = opts.limits_toml,
             unjailed = opts.unjailed,
             qemu = opts
                 .qemu

@@ -1,5 +1,5 @@
 //! Guests that abuse their resources: memory past their RAM, a fork bomb, a
-//! full disk. The sandbox fails or is held to its limits, the host and the
+//! full disk, disk I/O past its cap. The sandbox fails or is held to its limits, the host and the
 //! other sandboxes carry on, and metrics show what happened.
 
 use std::time::{Duration, Instant};
@@ -168,5 +168,63 @@ fn a_full_disk_is_the_guests_problem_only() {
     assert_responsive(&s, "bystander");
     s.stop_sandbox("filler");
     s.stop_sandbox("bystander");
+    s.assert_no_leftovers();
+}
+
+/// The line of the VM process's cgroup I/O limit for writes: v1
+/// `blkio.throttle.write_bps_device` or v2 `io.max`.
+fn cgroup_write_cap(pid: i32) -> String {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
+        if controllers.split(',').any(|c| c == "blkio") {
+            return std::fs::read_to_string(format!(
+                "/sys/fs/cgroup/blkio{path}/blkio.throttle.write_bps_device"
+            ))
+            .unwrap();
+        }
+        if controllers.is_empty() {
+            if let Ok(max) = std::fs::read_to_string(format!("/sys/fs/cgroup{path}/io.max")) {
+                if !max.is_empty() {
+                    return max;
+                }
+            }
+        }
+    }
+    String::new()
+}
+
+#[test]
+fn disk_writes_are_held_to_their_cap() {
+    const CAP: u64 = 4 << 20;
+    let s = Server::start_with(Options {
+        limits_toml: format!("disk_write_bps = {CAP}"),
+        ..Options::default()
+    });
+    s.start_sandbox("writer", json!({}));
+    let pid = s.vm_pids()[0].0;
+    let cap = cgroup_write_cap(pid);
+    assert!(
+        cap.contains(&format!(" {CAP}")) || cap.contains(&format!("wbps={CAP}")),
+        "cgroup write cap: {cap:?}"
+    );
+    // 24 MiB at 4 MiB/s: about 6 s, whatever the guest's page cache does
+    // (fsync pushes it all through the throttled disk).
+    let start = Instant::now();
+    let r = run_for(
+        &s,
+        "writer",
+        "dd",
+        &["if=/dev/zero", "of=/f", "bs=1M", "count=24", "conv=fsync"],
+        120,
+    );
+    let took = start.elapsed();
+    assert_eq!(r["success"], json!(true), "{r}");
+    assert!(
+        took >= Duration::from_millis(4500),
+        "24 MiB written in {took:?}: faster than the 4 MiB/s cap"
+    );
+    s.stop_sandbox("writer");
     s.assert_no_leftovers();
 }

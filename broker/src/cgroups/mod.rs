@@ -1,16 +1,22 @@
 //! Cgroups for VM processes: one cgroup per sandbox under the configured
-//! parent, with memory (no swap), CPU quota and pids limits. Supports cgroup
+//! parent, with memory (no swap), CPU quota, pids and (where the host has
+//! the controller and the disks sit on a block device) I/O limits. Supports cgroup
 //! v2 (a delegated subtree, as on systemd hosts) and v1 (one directory per
 //! controller). Everything goes through paths under a root directory, so the
 //! unit tests run against fake cgroupfs trees in a temp dir.
 
+mod blockio;
 mod v1;
 mod v2;
+
+pub use blockio::{backing_devices, BlockDevice};
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use crate::disk::DiskIo;
 
 /// Errors from cgroup setup and teardown.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +50,8 @@ pub struct CgroupLimits {
     pub cpus: u32,
     /// Most tasks (processes + threads).
     pub pids_max: u32,
+    /// Disk bandwidth and IOPS caps on the manager's I/O devices.
+    pub io: DiskIo,
 }
 
 /// Period of the CFS bandwidth controller, microseconds.
@@ -64,6 +72,8 @@ pub struct CgroupManager {
     root: PathBuf,
     parent: String,
     hierarchy: Hierarchy,
+    /// Host block devices the I/O limits apply to (empty: no I/O limits).
+    io_devices: Vec<BlockDevice>,
 }
 
 /// One sandbox's cgroup: a directory (v2) or one per controller (v1).
@@ -89,6 +99,7 @@ impl CgroupManager {
             root: root.to_owned(),
             parent: parent.to_owned(),
             hierarchy,
+            io_devices: Vec::new(),
         })
     }
 
@@ -96,12 +107,38 @@ impl CgroupManager {
         &self.hierarchy
     }
 
+    /// Whether this host's hierarchy has an I/O controller moat can use.
+    pub fn io_controller(&self) -> bool {
+        match self.hierarchy {
+            Hierarchy::V2 => v2::has_io(&self.root),
+            Hierarchy::V1 => v1::has_blkio(&self.root),
+        }
+    }
+
+    /// Applies I/O limits to `devices` from now on (only when the host has
+    /// an I/O controller).
+    pub fn with_io_devices(mut self, devices: Vec<BlockDevice>) -> Self {
+        if self.io_controller() {
+            self.io_devices = devices;
+        }
+        self
+    }
+
+    pub fn io_devices(&self) -> &[BlockDevice] {
+        &self.io_devices
+    }
+
     /// Creates (or reuses an empty leftover of) the cgroup `name` and applies
     /// `limits`. `name` must be a single path component.
     pub fn create(&self, name: &str, limits: &CgroupLimits) -> Result<Cgroup, CgroupError> {
         debug_assert!(!name.contains('/') && name != ".." && name != ".");
         let dirs = match self.hierarchy {
-            Hierarchy::V2 => vec![v2::create(&self.root, &self.parent, name)?],
+            Hierarchy::V2 => vec![v2::create(
+                &self.root,
+                &self.parent,
+                name,
+                !self.io_devices.is_empty(),
+            )?],
             Hierarchy::V1 => v1::create(&self.root, &self.parent, name)?,
         };
         let cgroup = Cgroup {
@@ -109,8 +146,8 @@ impl CgroupManager {
             dirs,
         };
         let applied = match self.hierarchy {
-            Hierarchy::V2 => v2::apply(&cgroup.dirs[0], limits),
-            Hierarchy::V1 => v1::apply(&cgroup.dirs, limits),
+            Hierarchy::V2 => v2::apply(&cgroup.dirs[0], limits, &self.io_devices),
+            Hierarchy::V1 => v1::apply(&cgroup.dirs, limits, &self.io_devices),
         };
         if let Err(e) = applied {
             let _ = cgroup.remove();
@@ -291,6 +328,17 @@ mod tests {
         memory_bytes: 768 << 20,
         cpus: 2,
         pids_max: 64,
+        io: DiskIo {
+            read_bps: 1000,
+            write_bps: 2000,
+            read_iops: 0,
+            write_iops: 30,
+        },
+    };
+
+    const VDA: BlockDevice = BlockDevice {
+        major: 254,
+        minor: 0,
     };
 
     #[test]
@@ -311,8 +359,11 @@ mod tests {
             "cpuset cpu io memory pids\n",
         );
         touch(&root.join("cgroup.subtree_control"), "");
-        let m = CgroupManager::detect(root, "moat").unwrap();
+        let m = CgroupManager::detect(root, "moat")
+            .unwrap()
+            .with_io_devices(vec![VDA]);
         assert_eq!(m.hierarchy(), &Hierarchy::V2);
+        assert_eq!(m.io_devices(), &[VDA]);
         // A fake tree has no kernel to create control files: pre-create them
         // the way the kernel would once the directory exists.
         let dir = root.join("moat/sb1");
@@ -321,6 +372,7 @@ mod tests {
             "memory.swap.max",
             "cpu.max",
             "pids.max",
+            "io.max",
             "cgroup.procs",
         ] {
             touch(&dir.join(f), "");
@@ -333,8 +385,12 @@ mod tests {
         assert_eq!(read("cpu.max"), "200000 100000");
         assert_eq!(read("pids.max"), "64");
         assert_eq!(
+            read("io.max"),
+            "254:0 rbps=1000 wbps=2000 riops=max wiops=30"
+        );
+        assert_eq!(
             fs::read_to_string(root.join("moat/cgroup.subtree_control")).unwrap(),
-            "+cpu +memory +pids"
+            "+cpu +memory +pids +io"
         );
         assert_eq!(cg.procs_files(), vec![dir.join("cgroup.procs")]);
         cg.remove().unwrap();
@@ -345,11 +401,14 @@ mod tests {
     fn v1_tree_gets_limits_in_each_controller() {
         let t = tempfile::tempdir().unwrap();
         let root = t.path();
-        for c in ["memory", "cpu", "cpuacct", "pids"] {
+        for c in ["memory", "cpu", "cpuacct", "pids", "blkio"] {
             fs::create_dir_all(root.join(c)).unwrap();
         }
         touch(&root.join("memory/memory.limit_in_bytes"), "");
-        let m = CgroupManager::detect(root, "moat").unwrap();
+        touch(&root.join("blkio/blkio.throttle.read_bps_device"), "");
+        let m = CgroupManager::detect(root, "moat")
+            .unwrap()
+            .with_io_devices(vec![VDA]);
         assert_eq!(m.hierarchy(), &Hierarchy::V1);
         for (c, files) in [
             (
@@ -362,6 +421,14 @@ mod tests {
             ),
             ("cpu", &["cpu.cfs_period_us", "cpu.cfs_quota_us"][..]),
             ("pids", &["pids.max"][..]),
+            (
+                "blkio",
+                &[
+                    "blkio.throttle.read_bps_device",
+                    "blkio.throttle.write_bps_device",
+                    "blkio.throttle.write_iops_device",
+                ][..],
+            ),
         ] {
             for f in files {
                 touch(&root.join(c).join("moat/sb1").join(f), "");
@@ -381,7 +448,15 @@ mod tests {
         assert_eq!(read("cpu/moat/sb1/cpu.cfs_quota_us"), "200000");
         assert_eq!(read("cpu/moat/sb1/cpu.cfs_period_us"), "100000");
         assert_eq!(read("pids/moat/sb1/pids.max"), "64");
-        assert_eq!(cg.dirs().len(), 4);
+        assert_eq!(
+            read("blkio/moat/sb1/blkio.throttle.write_bps_device"),
+            "254:0 2000"
+        );
+        assert_eq!(
+            read("blkio/moat/sb1/blkio.throttle.write_iops_device"),
+            "254:0 30"
+        );
+        assert_eq!(cg.dirs().len(), 5);
         cg.remove().unwrap();
         assert!(!root.join("memory/moat/sb1").exists());
     }

@@ -1,15 +1,24 @@
 //! cgroup v1: one directory per controller (`root/memory/<parent>/<name>`,
-//! `root/cpu/...`, `root/cpuacct/...`, `root/pids/...`). Co-mounted
+//! `root/cpu/...`, `root/cpuacct/...`, `root/pids/...`, `root/blkio/...`). Co-mounted
 //! controllers (`cpu,cpuacct` with `cpu` and `cpuacct` symlinks) resolve to
 //! one directory, which is used once.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use super::blockio::{v1_lines, BlockDevice};
 use super::{io_err, write_file, CgroupError, CgroupLimits, CPU_PERIOD_US};
 
 /// Controllers moat uses; the first (memory) is the one read for usage.
-const CONTROLLERS: [&str; 4] = ["memory", "cpu", "cpuacct", "pids"];
+const CONTROLLERS: [&str; 5] = ["memory", "cpu", "cpuacct", "pids", "blkio"];
+
+/// Controllers used when present: cpuacct for metrics, blkio for I/O limits.
+const OPTIONAL: [&str; 2] = ["cpuacct", "blkio"];
+
+/// Whether the blkio controller with throttling is mounted.
+pub(super) fn has_blkio(root: &Path) -> bool {
+    root.join("blkio/blkio.throttle.read_bps_device").exists()
+}
 
 /// v1 is usable when the memory controller is mounted under root.
 pub(super) fn usable(root: &Path) -> bool {
@@ -40,8 +49,8 @@ pub(super) fn create(root: &Path, parent: &str, name: &str) -> Result<Vec<PathBu
     for controller in CONTROLLERS {
         let mount = root.join(controller);
         if !mount.is_dir() {
-            if controller == "cpuacct" {
-                continue; // only used for metrics
+            if OPTIONAL.contains(&controller) {
+                continue;
             }
             return Err(CgroupError::NoHierarchy {
                 root: root.to_owned(),
@@ -59,7 +68,11 @@ pub(super) fn create(root: &Path, parent: &str, name: &str) -> Result<Vec<PathBu
     Ok(dirs)
 }
 
-pub(super) fn apply(dirs: &[PathBuf], limits: &CgroupLimits) -> Result<(), CgroupError> {
+pub(super) fn apply(
+    dirs: &[PathBuf],
+    limits: &CgroupLimits,
+    io_devices: &[BlockDevice],
+) -> Result<(), CgroupError> {
     for dir in dirs {
         let has = |f: &str| dir.join(f).exists();
         if has("memory.limit_in_bytes") {
@@ -79,6 +92,11 @@ pub(super) fn apply(dirs: &[PathBuf], limits: &CgroupLimits) -> Result<(), Cgrou
         }
         if has("pids.max") {
             write_file(&dir.join("pids.max"), &limits.pids_max.to_string())?;
+        }
+        if has("blkio.throttle.read_bps_device") {
+            for (file, line) in v1_lines(io_devices, &limits.io) {
+                write_file(&dir.join(file), &line)?;
+            }
         }
     }
     if !dirs

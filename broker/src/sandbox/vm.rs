@@ -269,6 +269,7 @@ async fn boot(
         memory_bytes: (u64::from(spec.memory_mib) + u64::from(limits.vmm_overhead_mib)) << 20,
         cpus: spec.cpus,
         pids_max: limits.vmm_pids_max,
+        io: limits.disk_io(),
     };
     let cgroup = ctx
         .cgroups
@@ -301,6 +302,7 @@ async fn boot(
         cpus: spec.cpus,
         hostname: hostname.to_string(),
         test_hooks: cfg.testing.agent_hooks,
+        disk_io: limits.disk_io(),
     };
     let plan = ctx.vmm.launch_plan(&vm_spec);
     let jail = JailSpec {

@@ -30,6 +30,8 @@ pub struct VmSpec {
     pub hostname: String,
     /// Let the agent honour `moat-test-hook` commands (test suites only).
     pub test_hooks: bool,
+    /// Throttling the VMM applies to each guest disk.
+    pub disk_io: crate::disk::DiskIo,
 }
 
 /// The VM process to spawn.

@@ -74,17 +74,18 @@ impl Vmm for Qemu {
             "-initrd",
             &path(&spec.initramfs),
         ]);
+        let throttle = throttling(&spec.disk_io);
         push(&[
             "-drive",
             &format!(
-                "id=image,file={},format=raw,if=none,readonly=on",
+                "id=image,file={},format=raw,if=none,readonly=on{throttle}",
                 path(&spec.image_disk)
             ),
             "-device",
             "virtio-blk-device,drive=image,serial=moat-image",
             "-drive",
             &format!(
-                "id=rw,file={},format=raw,if=none,discard=unmap",
+                "id=rw,file={},format=raw,if=none,discard=unmap{throttle}",
                 path(&spec.writable_disk)
             ),
             "-device",
@@ -115,6 +116,20 @@ impl Vmm for Qemu {
     }
 }
 
+/// `-drive` options capping a disk's throughput and operation rate.
+fn throttling(io: &crate::disk::DiskIo) -> String {
+    [
+        ("bps-read", io.read_bps),
+        ("bps-write", io.write_bps),
+        ("iops-read", io.read_iops),
+        ("iops-write", io.write_iops),
+    ]
+    .iter()
+    .filter(|(_, v)| *v > 0)
+    .map(|(k, v)| format!(",throttling.{k}={v}"))
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +145,12 @@ mod tests {
             cpus: 2,
             hostname: "sb1".into(),
             test_hooks: false,
+            disk_io: crate::disk::DiskIo {
+                read_bps: 1000,
+                write_bps: 0,
+                read_iops: 0,
+                write_iops: 7,
+            },
         }
     }
 
@@ -154,6 +175,13 @@ mod tests {
             "{joined}"
         );
         assert!(joined.contains("serial=moat-image") && joined.contains("serial=moat-rw"));
+        assert_eq!(
+            joined
+                .matches(",throttling.bps-read=1000,throttling.iops-write=7 ")
+                .count(),
+            2,
+            "both disks throttled, uncapped directions left out: {joined}"
+        );
         assert!(joined.contains("name=moat.agent"));
         assert!(joined.contains("-m 512M") && joined.contains("-smp 2"));
         let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
