@@ -310,10 +310,14 @@ fn a_compromised_vmm_reaches_nothing_and_a_forbidden_syscall_kills_it() {
     let unix = std::os::unix::net::UnixDatagram::bind_addr(&addr).unwrap();
     unix.set_nonblocking(true).unwrap();
     let (status, lines) = probe.run(&["net", &port.to_string(), &name]);
-    assert!(status.success(), "{status:?}");
-    assert!(outcome(&lines, "udp-loopback").starts_with("denied"));
     assert!(outcome(&lines, "abstract-unix").starts_with("denied"));
     assert_eq!(outcome(&lines, "interfaces"), "reached lo");
+    // An AF_INET socket is outside the allow-list (AF_UNIX only).
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}");
+    assert!(
+        lines.last().is_some_and(|l| l.starts_with("about-to-udp")),
+        "{lines:?}"
+    );
     let mut buf = [0u8; 64];
     assert!(
         udp.recv_from(&mut buf).is_err(),
@@ -322,6 +326,21 @@ fn a_compromised_vmm_reaches_nothing_and_a_forbidden_syscall_kills_it() {
     assert!(
         unix.recv_from(&mut buf).is_err(),
         "datagram reached the host"
+    );
+
+    // No new namespaces: clone3 is answered ENOSYS (its flags cannot be
+    // checked), clone with CLONE_NEWUSER kills.
+    let (status, lines) = probe.run(&["namespaces"]);
+    assert!(
+        outcome(&lines, "clone3").contains("os error 38"),
+        "{lines:?}"
+    );
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}");
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.starts_with("about-to-clone-newuser")),
+        "{lines:?}"
     );
 
     // Outside the allow-list: killed by SIGSYS before the call returns.

@@ -7,8 +7,11 @@
 //! - `files OTHER_DISK OTHER_PID`: its own disk (the control), another
 //!   sandbox's disk by host path and through /proc, host files, writes to
 //!   the read-only parts of the jail, and the processes it can see;
-//! - `net UDP_PORT ABSTRACT_NAME`: datagrams to a host listener on loopback
-//!   and to a host abstract Unix socket, and the interfaces it has;
+//! - `net UDP_PORT ABSTRACT_NAME`: a datagram to a host abstract Unix
+//!   socket, the interfaces it has, then an AF_INET socket for a datagram
+//!   to a host listener on loopback (outside the allow-list: killed);
+//! - `namespaces`: `clone3` (answered ENOSYS), then `clone(CLONE_NEWUSER)`
+//!   (outside the allow-list: killed);
 //! - `connect PORT`: a TCP connect (outside the allow-list: killed);
 //! - `forbidden`: `ptrace(PTRACE_TRACEME)` (outside the allow-list: killed);
 //!   also what it does when started with QEMU's arguments, i.e. when a
@@ -97,10 +100,6 @@ fn send_abstract(name: &str) -> Result<String, std::io::Error> {
 }
 
 fn net(port: &str, name: &str) {
-    match port.parse() {
-        Ok(port) => report("udp-loopback", send_udp(port)),
-        Err(_) => report("udp-loopback", Err(std::io::Error::other("bad port"))),
-    }
     report("abstract-unix", send_abstract(name));
     report(
         "interfaces",
@@ -113,6 +112,51 @@ fn net(port: &str, name: &str) {
                 .join(",")
         }),
     );
+    // Last: an AF_INET socket is outside the allow-list.
+    report("about-to-udp", Ok(String::new()));
+    match port.parse() {
+        Ok(port) => report("udp-loopback", send_udp(port)),
+        Err(_) => report("udp-loopback", Err(std::io::Error::other("bad port"))),
+    }
+}
+
+/// `clone3` (answered ENOSYS), then `clone(CLONE_NEWUSER)` (killed).
+fn namespaces() {
+    // SAFETY: clone3 with a null argument block and size 0 is rejected by
+    // the kernel or the filter before anything is created.
+    let r = unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) };
+    report(
+        "clone3",
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok("returned".into())
+        },
+    );
+    report("about-to-clone-newuser", Ok(String::new()));
+    // SAFETY: a fork-like clone; the child (if any) exits at once.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::CLONE_NEWUSER | libc::SIGCHLD,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if r == 0 {
+        // SAFETY: leaving the child without running any Rust cleanup.
+        unsafe { libc::_exit(0) };
+    }
+    report(
+        "clone-newuser",
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok("created".into())
+        },
+    );
 }
 
 fn main() {
@@ -121,6 +165,7 @@ fn main() {
     match arg(0) {
         "files" => files(arg(1), arg(2)),
         "net" => net(arg(1), arg(2)),
+        "namespaces" => namespaces(),
         "connect" => {
             report("about-to-connect", Ok(String::new()));
             let r = std::net::TcpStream::connect(("127.0.0.1", arg(1).parse().unwrap_or(1)));
@@ -141,7 +186,7 @@ fn main() {
         }
         other => {
             eprintln!(
-                "moat-jail-probe: unknown mode {other:?}; use files, net, connect or forbidden"
+                "moat-jail-probe: unknown mode {other:?}; use files, net, namespaces, connect or forbidden"
             );
             std::process::exit(2);
         }
