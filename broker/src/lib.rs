@@ -14,6 +14,7 @@ pub mod config;
 pub mod console;
 pub mod disk;
 pub mod error;
+pub mod images;
 pub mod initramfs;
 pub mod jail;
 pub mod privileges;

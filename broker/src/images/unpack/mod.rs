@@ -1,0 +1,1 @@
+//! Layer unpacker (being written).
