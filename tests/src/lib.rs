@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod registry;
+
 static SERVERS: AtomicU32 = AtomicU32::new(0);
 
 fn env_dir(var: &str, default: &str) -> PathBuf {
