@@ -47,6 +47,9 @@ pub struct BrokerConfig {
     pub testing: TestingConfig,
     pub jail: JailConfig,
     pub volumes: VolumesConfig,
+    /// Per registry host (`"ghcr.io"`, `"127.0.0.1:5000"`): plain HTTP
+    /// allowed, credentials.
+    pub registries: BTreeMap<String, crate::images::registry::RegistryConfig>,
 }
 
 /// Where volume host paths may come from (`config.volumes`).
@@ -104,15 +107,48 @@ pub struct BootConfig {
     pub agent: PathBuf,
 }
 
-/// Read-only root images the broker can boot, by name (the OCI image store
-/// replaces this table in a later release).
+/// Images: the OCI store and how it fills, plus operator-provided disks.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ImagesConfig {
-    /// Image used when `config.image` is absent.
+    /// Image used when `config.image` is absent (a `[images.local]` name or
+    /// an OCI reference).
     pub default: String,
-    /// Image name -> erofs or ext4 disk image file.
+    /// Prebuilt boot disks by name (erofs or ext4 files), used as they are;
+    /// looked up before the store.
     pub local: BTreeMap<String, PathBuf>,
+    /// The OCI image store (blobs, names, boot disks).
+    pub store: PathBuf,
+    /// Pull an image missing from the store when a sandbox asks for it.
+    pub pull_on_start: bool,
+    /// How long a pull during `sandbox.start` may take.
+    pub pull_timeout_secs: u32,
+    /// Layers downloaded at once per pull.
+    pub concurrent_downloads: u32,
+    pub max_layers: u32,
+    /// Largest compressed layer.
+    pub max_layer_bytes: u64,
+    /// Largest image, uncompressed (all layers' tar streams).
+    pub max_image_bytes: u64,
+    /// Largest single file in an image.
+    pub max_file_bytes: u64,
+    /// Most tar entries in an image (all layers).
+    pub max_entries: u64,
+}
+
+impl ImagesConfig {
+    pub fn limits(&self) -> crate::images::ImageLimits {
+        crate::images::ImageLimits {
+            max_layers: self.max_layers as usize,
+            max_layer_bytes: self.max_layer_bytes,
+            concurrent_downloads: self.concurrent_downloads as usize,
+            unpack: crate::images::unpack::UnpackLimits {
+                max_total_bytes: self.max_image_bytes,
+                max_file_bytes: self.max_file_bytes,
+                max_entries: self.max_entries,
+            },
+        }
+    }
 }
 
 /// VM backend settings.
@@ -212,6 +248,7 @@ impl Default for BrokerConfig {
             testing: TestingConfig::default(),
             jail: JailConfig::default(),
             volumes: VolumesConfig::default(),
+            registries: BTreeMap::new(),
         }
     }
 }
@@ -230,6 +267,15 @@ impl Default for ImagesConfig {
         Self {
             default: "base".into(),
             local: BTreeMap::new(),
+            store: PathBuf::from("/var/lib/moat/images"),
+            pull_on_start: true,
+            pull_timeout_secs: 900,
+            concurrent_downloads: 3,
+            max_layers: 128,
+            max_layer_bytes: 4 << 30,
+            max_image_bytes: 8 << 30,
+            max_file_bytes: 4 << 30,
+            max_entries: 1_000_000,
         }
     }
 }
@@ -457,11 +503,50 @@ impl BrokerConfig {
                 return bad(format!("{what} cannot be /: it would share the whole host"));
             }
         }
-        if !self.images.local.contains_key(&self.images.default) {
+        if !self.images.local.contains_key(&self.images.default)
+            && crate::images::Reference::parse(&self.images.default).is_err()
+        {
             return bad(format!(
-                "images.default {:?} is not listed in [images.local]",
+                "images.default {:?} is neither listed in [images.local] nor an image reference",
                 self.images.default
             ));
+        }
+        if !self.images.store.is_absolute() {
+            return bad(format!(
+                "images.store {:?} must be an absolute path",
+                self.images.store
+            ));
+        }
+        for (name, v) in [
+            (
+                "images.pull_timeout_secs",
+                u64::from(self.images.pull_timeout_secs),
+            ),
+            (
+                "images.concurrent_downloads",
+                u64::from(self.images.concurrent_downloads),
+            ),
+            ("images.max_layers", u64::from(self.images.max_layers)),
+            ("images.max_layer_bytes", self.images.max_layer_bytes),
+            ("images.max_image_bytes", self.images.max_image_bytes),
+            ("images.max_file_bytes", self.images.max_file_bytes),
+            ("images.max_entries", self.images.max_entries),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be greater than 0"));
+            }
+        }
+        for (host, r) in &self.registries {
+            if r.username.is_some() != r.password_file.is_some() {
+                return bad(format!(
+                    "registries.\"{host}\": set both username and password_file, or neither"
+                ));
+            }
+            if r.password_file.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return bad(format!(
+                    "registries.\"{host}\".password_file must be an absolute path"
+                ));
+            }
         }
         if self.cgroups.parent.is_empty()
             || self
@@ -547,7 +632,7 @@ mod tests {
             .contains("default_memory_mib"));
 
         let mut c = valid();
-        c.images.default = "missing".into();
+        c.images.default = "Not A Reference".into();
         assert!(c
             .validate()
             .unwrap_err()

@@ -125,6 +125,15 @@ async fn run(config: BrokerConfig) -> Result<()> {
     let cgroups = with_io_limits(cgroups, &config);
     sweep_leftovers(&cgroups, &config.state_dir.join("vms"));
 
+    let store = moat_broker::images::Store::open(&config.images.store)?;
+    store.recover()?;
+    let images = Arc::new(moat_broker::images::Images::new(
+        store,
+        config.registries.clone(),
+        config.images.limits(),
+    )?);
+    tracing::info!(store = %config.images.store.display(), pull_on_start = config.images.pull_on_start, "image store");
+
     let ctx = LaunchContext {
         config: config.clone(),
         vmm: vmm.clone(),
@@ -138,6 +147,7 @@ async fn run(config: BrokerConfig) -> Result<()> {
         ),
         initramfs,
         jail_mode,
+        images,
     };
     let sandboxes = Arc::new(Sandboxes::new(ctx));
     let service = BrokerService::new(sandboxes.clone(), vmm.describe());

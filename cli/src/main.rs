@@ -1,8 +1,10 @@
 //! `moat`: the operator CLI. `moat server start [--dev]` runs the broker (as
 //! root) and the gateway (dropped to the unprivileged user named by the
 //! broker config's `gateway_uid`) on this host, and stops both cleanly on
-//! Ctrl-C / SIGTERM; `moat server keygen` / `revoke` manage API keys.
+//! Ctrl-C / SIGTERM; `moat server keygen` / `revoke` manage API keys;
+//! `moat image pull|import|ls|rm|gc` manage the image store.
 
+mod image;
 mod keys;
 mod server;
 
@@ -24,11 +26,22 @@ enum Command {
         #[command(subcommand)]
         command: server::ServerCommand,
     },
+    /// Manage the OCI image store (pull, import, ls, rm, gc).
+    Image {
+        #[command(subcommand)]
+        command: image::ImageCommand,
+    },
 }
 
-fn main() -> Result<()> {
+fn main() {
     let cli = Cli::parse();
-    match cli.command {
+    let result: Result<()> = match cli.command {
         Command::Server { command } => server::run(command),
+        Command::Image { command } => image::run(command),
+    };
+    if let Err(e) = result {
+        // The whole chain on one line, never a backtrace.
+        eprintln!("moat: {e:#}");
+        std::process::exit(1);
     }
 }

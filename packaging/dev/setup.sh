@@ -35,9 +35,9 @@ step "guest kernel (cached; first build ~7 min on 2 cores)"
 kernel=$(packaging/kernel/build.sh)
 step "base image"
 image=$(packaging/images/build-base.sh)
-step "python and node images (Debian bookworm; cached, 2-4 min each the first time)"
-python_image=$(packaging/images/build-debian.sh python)
-node_image=$(packaging/images/build-debian.sh node)
+step "python and node root filesystems (Debian bookworm; cached, 2-4 min each the first time)"
+python_rootfs=$(packaging/images/build-debian.sh python)
+node_rootfs=$(packaging/images/build-debian.sh node)
 
 step "static guest agent"
 CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
@@ -58,8 +58,13 @@ install -m 0644 "$kernel" build/vmlinux
 install -m 0644 "$(dirname "$kernel")/release" build/kernel.release
 install -m 0755 "$agent" build/moat-agent
 install -m 0644 "$image" build/base.erofs
-ln -sf "$python_image" build/python.erofs
-ln -sf "$node_image" build/node.erofs
+rm -f build/python.erofs build/node.erofs
+# The image store (content-addressed, safe to share and keep): dev and the
+# test suites use it; the default images are imported into it below.
+cache_dir=${MOAT_CACHE:-/var/cache/moat}
+store=$cache_dir/store
+mkdir -p "$store"
+ln -sfn "$store" build/store
 uid=$(id -u moat); gid=$(id -g moat)
 cat > build/broker.toml <<CONF
 # Development broker config written by packaging/dev/setup.sh.
@@ -74,12 +79,20 @@ agent = "$top/build/moat-agent"
 
 [images]
 default = "base"
+store = "$store"
 
 [images.local]
 base = "$top/build/base.erofs"
-"microsandbox/python" = "$top/build/python.erofs"
-"microsandbox/node" = "$top/build/node.erofs"
 CONF
+
+step "default images microsandbox/python and microsandbox/node (OCI layouts, imported into $store)"
+path_env="PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+for lang in python node; do
+  rootfs_var="${lang}_rootfs"
+  layout=$(packaging/images/oci-layout.sh "${!rootfs_var}" "$cache_dir/images/$lang.oci" "$path_env" "LANG=C.UTF-8")
+  if [ "$profile" = release ]; then bin=target/release/moat; else bin=target/debug/moat; fi
+  "$bin" image import "$layout" --tag "microsandbox/$lang" --broker-config build/broker.toml >/dev/null
+done
 step "ready: build/broker.toml"
 
 # Gateway test tools: the official MCP inspector (its CLI drives /mcp in the

@@ -73,6 +73,12 @@ pub struct Options {
     pub broker_toml: String,
     /// Extra lines for the broker's `[limits]` table.
     pub limits_toml: String,
+    /// Extra lines for the broker's `[images]` table.
+    pub images_toml: String,
+    /// Use a store of this server's own (`images/` in its temp dir) instead
+    /// of the shared one set-up filled with the default images
+    /// (`build/store`).
+    pub private_store: bool,
 }
 
 impl Default for Options {
@@ -91,6 +97,8 @@ impl Default for Options {
             writable_disk_mib: 1024,
             broker_toml: String::new(),
             limits_toml: String::new(),
+            images_toml: String::new(),
+            private_store: false,
         }
     }
 }
@@ -106,6 +114,8 @@ pub struct Server {
     pub cgroup_parent: String,
     pub uid_base: u32,
     pub uid_count: u32,
+    /// The broker config the harness wrote.
+    pub broker_config: PathBuf,
     /// The gateway config the harness wrote (keys mode or extra TOML).
     pub gateway_config: Option<PathBuf>,
     agent: ureq::Agent,
@@ -176,12 +186,6 @@ impl Server {
         let uid_base = 1_910_000_000 + (std::process::id() % 5000) * 1000 + n * uid_count;
         let cgroup_parent = format!("moat-e2e-{}-{n}", std::process::id());
         let mut images = format!("base = \"{}\"\n", build.join("base.erofs").display());
-        for (name, file) in [
-            ("microsandbox/python", "python.erofs"),
-            ("microsandbox/node", "node.erofs"),
-        ] {
-            images.push_str(&format!("{name:?} = \"{}\"\n", build.join(file).display()));
-        }
         for (name, path) in &opts.extra_images {
             images.push_str(&format!("{name} = \"{}\"\n", path.display()));
         }
@@ -195,6 +199,8 @@ kernel = "{kernel}"
 agent = "{agent}"
 [images]
 default = "base"
+store = "{store}"
+{images_extra}
 [images.local]
 {images}
 [limits]
@@ -231,6 +237,13 @@ qemu = "{qemu}"
             disk = opts.writable_disk_mib,
             extra = opts.broker_toml,
             limits_extra = opts.limits_toml,
+            store = if opts.private_store {
+                dir.path().join("images")
+            } else {
+                fs::canonicalize(build.join("store")).unwrap_or_else(|_| build.join("store"))
+            }
+            .display(),
+            images_extra = opts.images_toml,
             unjailed = opts.unjailed,
             qemu = opts
                 .qemu
@@ -295,6 +308,7 @@ qemu = "{qemu}"
             cgroup_parent,
             uid_base,
             uid_count,
+            broker_config: config_path,
             gateway_config,
             agent,
         };
@@ -321,6 +335,23 @@ qemu = "{qemu}"
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Runs `moat image ARGS --broker-config <this server's>`: (success,
+    /// stdout, stderr).
+    pub fn image_cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(bin_dir().join("moat"))
+            .arg("image")
+            .args(args)
+            .arg("--broker-config")
+            .arg(&self.broker_config)
+            .output()
+            .expect("run moat image");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// Everything the stack has logged so far.

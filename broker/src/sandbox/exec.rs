@@ -346,7 +346,7 @@ mod tests {
     fn sandbox_envs_override_the_base() {
         let spec = SandboxSpec {
             image_name: "base".into(),
-            image_disk: "/x".into(),
+            image: super::super::spec::ImageSource::Local("/x".into()),
             memory_mib: 512,
             cpus: 1,
             envs: vec!["PATH=/opt/bin".into(), "A=1".into(), "A=2".into()],

@@ -5,6 +5,7 @@
 //! without holding that lock.
 
 mod exec;
+mod image;
 pub mod spec;
 mod vm;
 

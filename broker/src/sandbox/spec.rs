@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use moat_proto::broker::SandboxConfig;
 
 use crate::config::{ImagesConfig, Limits, VolumesConfig};
+use crate::images::Reference;
 use crate::volumes::{parse_volume, resolve_volume};
 
 /// Most `envs` entries.
@@ -19,8 +20,9 @@ pub const MAX_PATH_LEN: usize = 4096;
 /// sandbox (a second start of a running one changes nothing).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxSpec {
+    /// As the caller (or the server default) named it.
     pub image_name: String,
-    pub image_disk: PathBuf,
+    pub image: ImageSource,
     pub memory_mib: u32,
     pub cpus: u32,
     /// `KEY=VALUE`, in order; later entries override earlier ones.
@@ -31,6 +33,15 @@ pub struct SandboxSpec {
     pub scripts: BTreeMap<String, String>,
     /// Launched in the background once the sandbox is ready (`shell -c`).
     pub exec: Option<String>,
+}
+
+/// Where a sandbox's root image comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSource {
+    /// An operator-provided disk from `[images.local]`.
+    Local(PathBuf),
+    /// An OCI image: from the store, pulled if missing and allowed.
+    Oci(Reference),
 }
 
 /// Why a config was refused; the message says what to change.
@@ -51,12 +62,11 @@ impl SandboxSpec {
         volumes: &VolumesConfig,
     ) -> Result<Self, SpecError> {
         let image_name = c.image.clone().unwrap_or_else(|| images.default.clone());
-        let Some(image_disk) = images.local.get(&image_name) else {
-            let known: Vec<&str> = images.local.keys().map(String::as_str).collect();
-            return refuse(format!(
-                "image {image_name:?} is not available on this server; available images: {}",
-                known.join(", ")
-            ));
+        let image = match images.local.get(&image_name) {
+            Some(disk) => ImageSource::Local(disk.clone()),
+            None => ImageSource::Oci(
+                Reference::parse(&image_name).map_err(|e| SpecError(e.to_string()))?,
+            ),
         };
         let memory_mib = c.memory_mib.unwrap_or(limits.default_memory_mib);
         if memory_mib < 64 || memory_mib > limits.max_memory_mib {
@@ -134,7 +144,7 @@ impl SandboxSpec {
         let shell = check_path("shell", c.shell.as_deref().unwrap_or("/bin/sh"))?;
         Ok(Self {
             image_name,
-            image_disk: image_disk.clone(),
+            image,
             memory_mib,
             cpus,
             envs: c.envs.clone(),
@@ -265,7 +275,10 @@ mod tests {
             (s.memory_mib, s.cpus, s.shell.as_str()),
             (512, 1, "/bin/sh")
         );
-        assert_eq!(s.image_disk, PathBuf::from("/img/base.erofs"));
+        assert_eq!(
+            s.image,
+            ImageSource::Local(PathBuf::from("/img/base.erofs"))
+        );
     }
 
     #[test]
@@ -291,13 +304,22 @@ mod tests {
     }
 
     #[test]
-    fn unknown_image_lists_the_available_ones() {
-        let e = spec(SandboxConfig {
+    fn images_are_local_disks_or_oci_references() {
+        let s = spec(SandboxConfig {
             image: Some("python:3.12".into()),
             ..Default::default()
         })
+        .unwrap();
+        assert_eq!(
+            s.image,
+            ImageSource::Oci(Reference::parse("docker.io/library/python:3.12").unwrap())
+        );
+        let e = spec(SandboxConfig {
+            image: Some("Python:3.12:x".into()),
+            ..Default::default()
+        })
         .unwrap_err();
-        assert!(e.0.contains("python:3.12") && e.0.contains("base"), "{e}");
+        assert!(e.0.contains("Python:3.12:x"), "{e}");
     }
 
     #[test]

@@ -42,6 +42,7 @@ pub struct LaunchContext {
     pub namespaces: NamespaceQuota,
     pub initramfs: PathBuf,
     pub jail_mode: JailMode,
+    pub images: Arc<crate::images::Images>,
 }
 
 impl LaunchContext {
@@ -62,7 +63,10 @@ pub type ExitWatch = watch::Receiver<Option<String>>;
 /// A VM whose guest agent answered.
 #[derive(Debug)]
 pub struct RunningVm {
+    /// As defined by the caller (compared by a second start).
     pub spec: SandboxSpec,
+    /// What runs: the definition with the image's config applied.
+    pub effective: SandboxSpec,
     pub agent: AgentClient,
     pub exit: ExitWatch,
     pub pid: Option<u32>,
@@ -196,6 +200,7 @@ pub async fn launch(
     spec: SandboxSpec,
 ) -> Result<RunningVm, BrokerError> {
     let limits = &ctx.config.limits;
+    let image = super::image::prepare(ctx, hostname, &spec).await?;
     let namespace_permit = ctx.namespaces.try_take(namespace).ok_or_else(|| {
         BrokerError::Busy(format!(
             "namespace {namespace} already runs {} sandboxes, its limit; stop one first",
@@ -219,10 +224,11 @@ pub async fn launch(
         _permit: permit,
         _namespace_permit: namespace_permit,
     };
-    match boot(ctx, hostname, spec, &mut res).await {
+    match boot(ctx, hostname, &image, &mut res).await {
         Ok(parts) => Ok(RunningVm {
             cpu_percent: spawn_cpu_sampler(res.cgroup.clone(), parts.exit.clone()),
-            spec: parts.spec,
+            spec,
+            effective: image.effective,
             agent: parts.agent,
             exit: parts.exit,
             pid: parts.pid,
@@ -240,7 +246,6 @@ pub async fn launch(
 }
 
 struct Booted {
-    spec: SandboxSpec,
     agent: AgentClient,
     exit: ExitWatch,
     pid: Option<u32>,
@@ -249,9 +254,10 @@ struct Booted {
 async fn boot(
     ctx: &LaunchContext,
     hostname: &str,
-    spec: SandboxSpec,
+    image: &super::image::PreparedImage,
     res: &mut VmResources,
 ) -> Result<Booted, BrokerError> {
+    let spec = &image.effective;
     let cfg = &ctx.config;
     let limits = &cfg.limits;
     let fail = |what: &str, e: &dyn std::fmt::Display| BrokerError::Failed(format!("{what}: {e}"));
@@ -284,7 +290,7 @@ async fn boot(
     }(
         cfg.boot.kernel.clone(),
         ctx.initramfs.clone(),
-        spec.image_disk.clone(),
+        image.disk.clone(),
         res.dir.clone(),
     );
     debug_assert_eq!(layout.host_vm_file("rw.ext4"), writable);
@@ -366,7 +372,7 @@ async fn boot(
             let remaining = deadline
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_secs(5));
-            match setup(&agent, &spec, limits.background_log_bytes, remaining).await {
+            match setup(&agent, spec, limits.background_log_bytes, remaining).await {
                 Ok(()) => Ok((agent, hello)),
                 Err(e) => Err(format!("sandbox setup (scripts, exec) failed: {e}")),
             }
@@ -384,7 +390,6 @@ async fn boot(
                 "guest agent ready"
             );
             Ok(Booted {
-                spec,
                 agent,
                 exit: exit_rx,
                 pid,
@@ -466,7 +471,7 @@ impl RunningVm {
         let permit = self.calls.clone().try_acquire_owned().ok()?;
         Some(CallHandle {
             agent: self.agent.clone(),
-            spec: self.spec.clone(),
+            spec: self.effective.clone(),
             exit: self.exit.clone(),
             repl_sessions: self.repl_sessions.clone(),
             _permit: permit,
