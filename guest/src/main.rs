@@ -25,6 +25,7 @@ mod repl;
 mod rootfs;
 mod setup;
 mod testhook;
+mod user;
 
 use crate::log::log;
 

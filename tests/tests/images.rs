@@ -362,6 +362,7 @@ fn imported_layouts_and_docker_archives_boot() {
     ImageBuilder::new()
         .dir(rootfs(work.path(), "imported"))
         .env("FROM", "layout")
+        .user("nobody")
         .build(&layout, "v1");
     let archive = work.path().join("saved.tar");
     docker_archive(&layout, "v1", "example.com/saved/img:2", &archive);
@@ -378,8 +379,17 @@ fn imported_layouts_and_docker_archives_boot() {
     assert!(ok, "{err}");
     assert!(out.contains("example.com/saved/img:2"), "{out}");
     s.start_sandbox("saved", json!({"image": "example.com/saved/img:2"}));
-    let r = s.run("saved", "sh", &["-c", "cat /marker; echo $FROM"]);
-    assert_eq!(Server::stdout_lines(&r), vec!["imported", "layout"], "{r}");
+    // The image's User applies: commands run as nobody, with its home.
+    let r = s.run(
+        "saved",
+        "sh",
+        &["-c", "cat /marker; echo $FROM; id -u; echo $HOME"],
+    );
+    assert_eq!(
+        Server::stdout_lines(&r),
+        vec!["imported", "layout", "65534", "/nonexistent"],
+        "{r}"
+    );
     s.stop_sandbox("saved");
     // Not in the store and pulls are off: the caller is told.
     let (code, message) = start_err(&s, "absent", "example.com/absent/img:1");

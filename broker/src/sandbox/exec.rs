@@ -177,6 +177,7 @@ pub async fn run(
             .unwrap_or_else(|| "/".into()),
         timeout_ms: u64::from(timeout_secs) * 1000,
         max_output_bytes: limits.max_output_bytes,
+        user: spec.user.clone().unwrap_or_default(),
     };
     let wait = Duration::from_secs(u64::from(timeout_secs)) + COMMAND_MARGIN;
     let reply = call(agent, exit, host_message::Body::Exec(exec), wait, "command").await?;
@@ -203,6 +204,7 @@ pub async fn run_repl(
         max_output_bytes: limits.max_output_bytes,
         env: command_env(spec, &[]),
         workdir: spec.workdir.clone().unwrap_or_else(|| "/".into()),
+        user: spec.user.clone().unwrap_or_default(),
     };
     // One cell per language at a time: the agent runs them in turn, so the
     // deadline starts when this cell's turn comes.
@@ -354,6 +356,7 @@ mod tests {
             shell: "/bin/sh".into(),
             scripts: Default::default(),
             exec: None,
+            user: None,
         };
         let env = command_env(&spec, &["B=call".into()]);
         assert!(env.contains(&"B=call".to_string()));

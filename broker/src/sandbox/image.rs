@@ -96,6 +96,19 @@ pub fn apply_config(spec: &SandboxSpec, image: &RuntimeConfig) -> Result<Sandbox
             out.workdir = Some(check_path("the image's WorkingDir", w).map_err(|e| e.0)?);
         }
     }
+    if let Some(user) = &image.user {
+        let ok = user.len() <= 256
+            && user.split(':').count() <= 2
+            && user
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b));
+        if !ok {
+            return Err(format!(
+                "its User {user:?} is not a user name or uid, optionally with :group"
+            ));
+        }
+        out.user = Some(user.clone());
+    }
     if out.exec.is_none() && !out.scripts.contains_key("start") {
         let argv: Vec<&String> = image.entrypoint.iter().chain(image.cmd.iter()).collect();
         if !argv.is_empty() {
@@ -140,6 +153,7 @@ mod tests {
             shell: "/bin/sh".into(),
             scripts: Default::default(),
             exec: None,
+            user: None,
         }
     }
 
@@ -151,7 +165,7 @@ mod tests {
                 "bad key=x".into(),
             ],
             working_dir: Some("/app".into()),
-            user: None,
+            user: Some("www-data:www-data".into()),
             entrypoint: vec!["/docker-entrypoint.sh".into()],
             cmd: vec!["nginx".into(), "-g".into(), "daemon off;".into()],
             diff_ids: vec![],

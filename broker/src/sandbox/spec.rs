@@ -33,6 +33,9 @@ pub struct SandboxSpec {
     pub scripts: BTreeMap<String, String>,
     /// Launched in the background once the sandbox is ready (`shell -c`).
     pub exec: Option<String>,
+    /// Who everything runs as in the guest (the image's `User`; root when
+    /// None). Never set by the caller.
+    pub user: Option<String>,
 }
 
 /// Where a sandbox's root image comes from.
@@ -156,6 +159,7 @@ impl SandboxSpec {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             exec: c.exec.clone(),
+            user: None,
         })
     }
 }

@@ -438,6 +438,7 @@ async fn setup(
         workdir: spec.workdir.clone().unwrap_or_else(|| "/".into()),
         exec: spec.exec.clone().unwrap_or_default(),
         log_max_bytes,
+        user: spec.user.clone().unwrap_or_default(),
     });
     match agent.call(body, wait).await {
         Ok(reply) => match reply.body {

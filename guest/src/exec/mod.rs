@@ -58,16 +58,29 @@ pub fn run(req: &Exec) -> Result<ExecResult> {
         Ok(path) => path,
         Err(err) => return Ok(cannot_run(spec.program, &err)),
     };
+    let identity = crate::user::resolve(&req.user)?;
     let mut cmd = Command::new(&resolved);
     cmd.arg0(spec.program)
         .args(spec.args)
         .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (OsStr::new(k), OsStr::new(v))))
+        .envs(spec.env.iter().map(|(k, v)| {
+            (
+                OsStr::new(k),
+                OsStr::new(crate::user::env_value(k, v, identity.as_ref())),
+            )
+        }))
         .current_dir(&spec.workdir)
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if let Some(id) = identity {
+        // SAFETY: the closure only makes raw setgroups/setgid/setuid calls
+        // on data built before the fork.
+        unsafe {
+            cmd.pre_exec(move || crate::user::switch_in_child(&id));
+        }
+    }
     let child = match cmd.spawn() {
         Ok(child) => child,
         Err(err) => return Ok(cannot_run(spec.program, &err)),

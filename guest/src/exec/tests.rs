@@ -301,3 +301,19 @@ fn absurd_or_malformed_requests_are_refused() {
         Err(AgentError::BadRequest(_))
     ));
 }
+
+#[test]
+fn commands_run_as_the_requested_user_when_root() {
+    if !nix::unistd::geteuid().is_root() {
+        return; // switching users needs root (the agent is root in the VM)
+    }
+    let mut r = sh("id -u; id -g; echo $HOME");
+    r.user = "nobody".into();
+    r.env.push("HOME=/root".into());
+    let res = run_ok(&r);
+    let out: Vec<String> = lines(&res).into_iter().map(|(_, l)| l).collect();
+    assert_eq!(out, vec!["65534", "65534", "/nonexistent"], "{res:?}");
+    r.user = "no-such-user".into();
+    let err = super::run(&r).unwrap_err().to_string();
+    assert!(err.contains("/etc/passwd"), "{err}");
+}

@@ -79,22 +79,34 @@ pub fn spawn(spec: &ReplSpec<'_>, program: &PathBuf) -> io::Result<Spawned> {
         ev_write.as_raw_fd(),
         ack_read.as_raw_fd(),
     ];
+    let identity = crate::user::resolve(spec.user).map_err(|e| io::Error::other(e.to_string()))?;
     let mut cmd = Command::new(program);
     cmd.args(spec.flavor.args)
         .arg(spec.flavor.driver)
         .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (OsStr::new(k), OsStr::new(v))))
+        .envs(spec.env.iter().map(|(k, v)| {
+            (
+                OsStr::new(k),
+                OsStr::new(crate::user::env_value(k, v, identity.as_ref())),
+            )
+        }))
         .current_dir(&spec.workdir)
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: the closure only calls fcntl, dup2 and close (async-signal-
-    // safe) and allocates nothing; the descriptors it copies are the pipe
-    // ends held in the locals above, which stay open until after `spawn`
-    // returns.
+    // SAFETY: the closure only calls fcntl, dup2, close and the raw
+    // setgroups/setgid/setuid of the identity switch (async-signal-safe) and
+    // allocates nothing; the descriptors it copies are the pipe ends held in
+    // the locals above, which stay open until after `spawn` returns.
     unsafe {
-        cmd.pre_exec(move || install_control_fds(child_ends));
+        cmd.pre_exec(move || {
+            install_control_fds(child_ends)?;
+            match &identity {
+                Some(id) => crate::user::switch_in_child(id),
+                None => Ok(()),
+            }
+        });
     }
     // Only our ends (separate open file descriptions from the child's).
     for end in [&req_write, &ev_read, &ack_write] {

@@ -29,6 +29,8 @@ pub struct ReplSpec<'a> {
     pub timeout: Option<Duration>,
     /// Output bytes to keep.
     pub cap: u64,
+    /// Who the interpreter runs as (see `crate::user`). Used only at start.
+    pub user: &'a str,
 }
 
 fn bad(msg: impl Into<String>) -> AgentError {
@@ -87,6 +89,7 @@ impl<'a> ReplSpec<'a> {
             workdir: workdir_path(&req.workdir),
             timeout: (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms)),
             cap,
+            user: &req.user,
         })
     }
 }

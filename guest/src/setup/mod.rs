@@ -158,20 +158,31 @@ pub fn run_in(root: &Path, req: &Setup) -> Result<SetupResult> {
     let stderr_end = write_end
         .try_clone()
         .ctx(|| "duplicate the background output pipe")?;
+    let identity = crate::user::resolve(&req.user)?;
     let mut cmd = Command::new(&program);
     cmd.args(&args)
         .env_clear()
-        .envs(env.iter().map(|(k, v)| (OsStr::new(k), OsStr::new(v))))
+        .envs(env.iter().map(|(k, v)| {
+            (
+                OsStr::new(k),
+                OsStr::new(crate::user::env_value(k, v, identity.as_ref())),
+            )
+        }))
         .current_dir(&workdir)
         .stdin(Stdio::null())
         .stdout(Stdio::from(write_end))
         .stderr(Stdio::from(stderr_end));
-    // SAFETY: setsid is async-signal-safe and touches no memory; a freshly
-    // forked child is never a process group leader, so it cannot fail.
+
+    // SAFETY: setsid and the identity switch (raw setgroups/setgid/setuid
+    // on data built before the fork) are async-signal-safe; a freshly forked
+    // child is never a process group leader, so setsid cannot fail.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::setsid();
-            Ok(())
+            match &identity {
+                Some(id) => crate::user::switch_in_child(id),
+                None => Ok(()),
+            }
         });
     }
     let spawned = cmd.spawn();

@@ -26,6 +26,7 @@ fn setup(scripts: Vec<Script>, exec: &str) -> Setup {
         workdir: String::new(),
         exec: exec.into(),
         log_max_bytes: 0,
+        user: String::new(),
     }
 }
 

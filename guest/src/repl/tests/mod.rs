@@ -47,6 +47,7 @@ fn request(language: &str, code: &str, timeout_ms: u64) -> Repl {
             "LANG=C.UTF-8".into(),
         ],
         workdir: String::new(),
+        user: String::new(),
     }
 }
 
