@@ -6,7 +6,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PORT ?= 5555
 
-.PHONY: help setup dev test lint unit e2e fuzz bench bench-gateway clean
+.PHONY: help setup dev test lint unit e2e fuzz bench bench-gateway bench-images clean
 
 help:
 	@echo "make dev   - install what is needed, build, run moat (gateway on 127.0.0.1:$(PORT), dev mode)"
@@ -50,6 +50,12 @@ test:
 bench: setup
 	$(CARGO) build --locked --release -p moat-e2e --bin moat-bench-foundation
 	MOAT_BUILD_DIR=$(CURDIR)/build MOAT_BIN_DIR=$(CURDIR)/target/release target/release/moat-bench-foundation
+
+# Image import (unpack + boot disk) throughput and loopback-registry pull
+# time, next to tar/mkfs.erofs and skopeo baselines (see tests/src/bin/bench_images.rs).
+bench-images: setup
+	$(CARGO) build --locked --release -p moat-e2e --bin moat-bench-images
+	MOAT_BUILD_DIR=$(CURDIR)/build MOAT_BIN_DIR=$(CURDIR)/target/release target/release/moat-bench-images
 
 # Gateway throughput and latency with wrk (see tests/tests/gateway_bench.rs).
 bench-gateway: setup
