@@ -165,18 +165,23 @@ fn token_and_basic_auth_registries() {
     // Anonymous bearer tokens pull from the token registry; the Basic one
     // needs the configured credentials.
     let s = server_for(registry_toml(&[&basic, &token], Some(("bob", &pass))), "");
-    for image in [
-        format!("{}/private/img:v1", token.host()),
-        format!("{}/team/img:v1", basic.host()),
-    ] {
-        let (ok, out, err) = s.image_cli(&["pull", &image]);
-        assert!(ok, "pull {image}: {err}");
-        assert!(out.contains(&image), "{out}");
-    }
+    let basic_image = format!("{}/team/img:v1", basic.host());
+    let (ok, out, err) = s.image_cli(&["pull", &basic_image]);
+    assert!(ok, "pull {basic_image}: {err}");
+    assert!(out.contains(&basic_image), "{out}");
+    // The token registry's image is pulled by sandbox.start itself.
+    s.start_sandbox(
+        "from-token-registry",
+        json!({"image": format!("{}/private/img:v1", token.host())}),
+    );
+    let r = s.run("from-token-registry", "cat", &["/marker"]);
+    assert_eq!(Server::stdout_lines(&r), vec!["auth"], "{r}");
+    s.stop_sandbox("from-token-registry");
     assert!(
         token.token_grants().iter().any(|g| g.user.is_none()),
         "no anonymous token was issued"
     );
+    s.assert_no_leftovers();
     drop(s);
 
     let s = server_for(registry_toml(&[&basic], None), "");
@@ -490,5 +495,26 @@ fn concurrent_pulls_fetch_once_and_an_interrupted_pull_resumes() {
     let r = s.run("pulled", "sh", &["-c", "wc -c < /noise2"]);
     assert_eq!(Server::stdout_lines(&r), vec![(4 << 20).to_string()], "{r}");
     s.stop_sandbox("pulled");
+    s.assert_no_leftovers();
+}
+
+#[test]
+fn default_images_run_python_and_node() {
+    // The shared store set-up filled: no registry involved.
+    let s = Server::start();
+    for (name, image, cmd, args) in [
+        ("py", "microsandbox/python", "python3", ["-c", "print(1+1)"]),
+        (
+            "js",
+            "microsandbox/node",
+            "node",
+            ["-e", "console.log(1+1)"],
+        ),
+    ] {
+        s.start_sandbox(name, json!({"image": image}));
+        let r = s.run(name, cmd, &args);
+        assert_eq!(Server::stdout_lines(&r), vec!["2"], "{image}: {r}");
+        s.stop_sandbox(name);
+    }
     s.assert_no_leftovers();
 }
