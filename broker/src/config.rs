@@ -125,6 +125,11 @@ pub struct ImagesConfig {
     pub pull_timeout_secs: u32,
     /// Layers downloaded at once per pull.
     pub concurrent_downloads: u32,
+    /// Pulls running at once; more wait their turn.
+    pub concurrent_pulls: u32,
+    /// Registries a `sandbox.start` may pull from (`"docker.io"`,
+    /// `"ghcr.io"`, ...); empty: any. `moat image pull` is not limited.
+    pub allowed_registries: Vec<String>,
     pub max_layers: u32,
     /// Largest compressed layer.
     pub max_layer_bytes: u64,
@@ -139,6 +144,8 @@ pub struct ImagesConfig {
 impl ImagesConfig {
     pub fn limits(&self) -> crate::images::ImageLimits {
         crate::images::ImageLimits {
+            allowed_registries: self.allowed_registries.clone(),
+            concurrent_pulls: self.concurrent_pulls as usize,
             max_layers: self.max_layers as usize,
             max_layer_bytes: self.max_layer_bytes,
             concurrent_downloads: self.concurrent_downloads as usize,
@@ -271,6 +278,8 @@ impl Default for ImagesConfig {
             pull_on_start: true,
             pull_timeout_secs: 900,
             concurrent_downloads: 3,
+            concurrent_pulls: 2,
+            allowed_registries: Vec::new(),
             max_layers: 128,
             max_layer_bytes: 4 << 30,
             max_image_bytes: 8 << 30,
@@ -525,6 +534,10 @@ impl BrokerConfig {
             (
                 "images.concurrent_downloads",
                 u64::from(self.images.concurrent_downloads),
+            ),
+            (
+                "images.concurrent_pulls",
+                u64::from(self.images.concurrent_pulls),
             ),
             ("images.max_layers", u64::from(self.images.max_layers)),
             ("images.max_layer_bytes", self.images.max_layer_bytes),

@@ -30,6 +30,9 @@ pub enum ImageCommand {
         /// Name to store it under (default: the name the archive carries).
         #[arg(long)]
         tag: Option<String>,
+        /// Replace a name that already points at another image.
+        #[arg(long)]
+        force: bool,
         #[arg(long, default_value = DEFAULT_CONFIG)]
         broker_config: PathBuf,
     },
@@ -82,11 +85,12 @@ pub fn run(cmd: ImageCommand) -> Result<()> {
         ImageCommand::Import {
             path,
             tag,
+            force,
             broker_config,
         } => {
             let images = images(&broker_config)?;
             let bar = Bar::new(&path.display().to_string());
-            let record = images.import_path(&path, tag.as_deref(), bar.callback())?;
+            let record = images.import_path(&path, tag.as_deref(), force, bar.callback())?;
             bar.finish();
             println!("{} {}", record.name, record.manifest);
         }

@@ -91,7 +91,7 @@ for lang in python node; do
   rootfs_var="${lang}_rootfs"
   layout=$(packaging/images/oci-layout.sh "${!rootfs_var}" "$cache_dir/images/$lang.oci" "$path_env" "LANG=C.UTF-8")
   if [ "$profile" = release ]; then bin=target/release/moat; else bin=target/debug/moat; fi
-  "$bin" image import "$layout" --tag "microsandbox/$lang" --broker-config build/broker.toml >/dev/null
+  "$bin" image import "$layout" --tag "microsandbox/$lang" --force --broker-config build/broker.toml >/dev/null
 done
 step "ready: build/broker.toml"
 

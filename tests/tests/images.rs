@@ -380,6 +380,16 @@ fn imported_layouts_and_docker_archives_boot() {
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("docker.io/local/layout:1"), "{out}");
+    // A name is not silently repointed at another image.
+    let other = work.path().join("other");
+    ImageBuilder::new()
+        .dir(rootfs(work.path(), "other"))
+        .build(&other, "v1");
+    let args = ["import", other.to_str().unwrap(), "--tag", "local/layout:1"];
+    let (ok, _, err) = s.image_cli(&args);
+    assert!(!ok && err.contains("--force"), "{err}");
+    let (ok, _, err) = s.image_cli(&[&args[..], &["--force"]].concat());
+    assert!(ok, "{err}");
     let (ok, out, err) = s.image_cli(&["import", archive.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(out.contains("example.com/saved/img:2"), "{out}");

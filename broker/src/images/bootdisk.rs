@@ -73,7 +73,16 @@ fn build(
             image: image.to_owned(),
             error,
         })?;
-    let check_diff_ids = diff_ids.len() == layers.len();
+    if diff_ids.len() != layers.len() {
+        return Err(ImageError::Invalid {
+            image: image.to_owned(),
+            reason: format!(
+                "the config lists {} uncompressed layer digests (rootfs.diff_ids) for {} layers",
+                diff_ids.len(),
+                layers.len()
+            ),
+        });
+    }
     for (i, layer) in layers.iter().enumerate() {
         let path = store.blob_path(&layer.digest);
         let file = File::open(&path).map_err(|e| ImageError::store(&path, e))?;
@@ -106,7 +115,7 @@ fn build(
             reason: format!("reading past the end of the archive: {e}"),
         })?;
         let (diff_id, _) = hashing.finish();
-        if check_diff_ids && diff_id != diff_ids[i] {
+        if diff_id != diff_ids[i] {
             return Err(ImageError::Layer {
                 image: image.to_owned(),
                 layer: layer.digest.to_string(),

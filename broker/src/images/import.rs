@@ -72,7 +72,13 @@ pub fn copy_blob(
                 });
             }
         }
-        fs::rename(&tmp, store.blob_path(&digest)).map_err(|e| ImageError::store(&tmp, e))?;
+        let dest = store.blob_path(&digest);
+        fs::rename(&tmp, &dest).map_err(|e| ImageError::store(&tmp, e))?;
+        if let Some(dir) = dest.parent() {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| ImageError::store(dir, e))?;
+        }
         Ok((digest, size))
     })();
     if result.is_err() {
@@ -101,10 +107,15 @@ fn layout_blob(dir: &Path, d: &Digest) -> PathBuf {
 /// Opens a file of the layout without following a symlink at the last
 /// component.
 fn open_nofollow(p: &Path) -> io::Result<File> {
-    OpenOptions::new()
+    // O_NONBLOCK: a FIFO planted in a layout must not hang the import.
+    let f = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(p)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(p)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    Ok(f)
 }
 
 fn read_small(p: &Path) -> Result<Vec<u8>, ImageError> {

@@ -44,6 +44,17 @@ pub struct ManifestInfo {
     pub layers: Vec<LayerRef>,
 }
 
+/// An untrusted string as messages show it: at most 100 characters,
+/// control characters escaped.
+fn shown(s: &str) -> String {
+    let cut: String = s.chars().take(100).flat_map(char::escape_default).collect();
+    if s.chars().count() > 100 {
+        format!("{cut}…")
+    } else {
+        cut
+    }
+}
+
 /// The OCI architecture name of this host.
 pub fn host_arch() -> &'static str {
     match std::env::consts::ARCH {
@@ -75,7 +86,7 @@ pub fn parse_top(bytes: &[u8], content_type: Option<&str>) -> Result<TopLevel, S
         OCI_INDEX | DOCKER_LIST => true,
         OCI_MANIFEST | DOCKER_MANIFEST => false,
         "" | "application/json" => v.get("manifests").is_some(),
-        other => return Err(format!("unsupported manifest media type {other:?}")),
+        other => return Err(format!("unsupported manifest media type {}", shown(other))),
     };
     if is_index {
         serde_json::from_value(v)
@@ -105,7 +116,7 @@ pub fn select_platform(index: &ImageIndex) -> Result<(Digest, u64), String> {
         if os == "linux" && a == arch {
             return Ok((digest_of(m)?, m.size()));
         }
-        seen.push(format!("{os}/{a}"));
+        seen.push(format!("{}/{}", shown(&os), shown(&a)));
     }
     Err(format!(
         "no linux/{arch} manifest in the image index (it has: {})",
@@ -123,7 +134,8 @@ pub fn manifest_info(m: &ImageManifest, max_layers: usize) -> Result<ManifestInf
     let ct = config.media_type().to_string();
     if ct != OCI_CONFIG && ct != DOCKER_CONFIG {
         return Err(format!(
-            "config media type {ct:?} is not an image config (is this an artifact rather than a container image?)"
+            "config media type {} is not an image config (is this an artifact rather than a container image?)",
+            shown(&ct)
         ));
     }
     if m.layers().len() > max_layers {
@@ -143,14 +155,16 @@ pub fn manifest_info(m: &ImageManifest, max_layers: usize) -> Result<ManifestInf
             "application/vnd.oci.image.layer.v1.tar+zstd" => Compression::Zstd,
             other if other.contains("nondistributable") || other.contains("foreign") => {
                 return Err(format!(
-                    "layer {} has media type {other:?}: foreign/non-distributable layers are not supported",
-                    digest.short()
+                    "layer {} has media type {}: foreign/non-distributable layers are not supported",
+                    digest.short(),
+                    shown(other)
                 ))
             }
             other => {
                 return Err(format!(
-                    "layer {} has unsupported media type {other:?}",
-                    digest.short()
+                    "layer {} has unsupported media type {}",
+                    digest.short(),
+                    shown(other)
                 ))
             }
         };
@@ -189,7 +203,9 @@ pub fn parse_config(bytes: &[u8]) -> Result<RuntimeConfig, String> {
     let (os, arch) = (c.os().to_string(), c.architecture().to_string());
     if os != "linux" || arch != host_arch() {
         return Err(format!(
-            "the image is for {os}/{arch}; this host runs linux/{}",
+            "the image is for {}/{}; this host runs linux/{}",
+            shown(&os),
+            shown(&arch),
             host_arch()
         ));
     }

@@ -26,7 +26,10 @@ use super::reference::Reference;
 /// Attempts per request on network errors, 429 and 5xx.
 const ATTEMPTS: u32 = 4;
 /// Largest token response accepted.
-const MAX_TOKEN_BYTES: usize = 64 << 10;
+const MAX_TOKEN_BYTES: usize = 16 << 10;
+/// Cached tokens kept at most (by host and repository); the cache is
+/// cleared when it would grow past this.
+const MAX_CACHED_TOKENS: usize = 256;
 
 /// Operator settings for one registry host (`[registries."host:port"]`).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -61,21 +64,69 @@ pub struct RegistryClient {
     tokens: Mutex<HashMap<(String, String), String>>,
 }
 
-fn http_client() -> Result<reqwest::Client, String> {
+/// Hosts a redirect may not lead to: loopback, private, link-local (cloud
+/// metadata), unspecified — unless the operator configured that host.
+fn internal_ip(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => {
+            ip.is_loopback() || ip.is_private() || ip.is_link_local() || ip.is_unspecified()
+        }
+        Ok(std::net::IpAddr::V6(ip)) => {
+            let seg = ip.segments()[0];
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || (seg & 0xfe00) == 0xfc00
+                || (seg & 0xffc0) == 0xfe80
+        }
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
+}
+
+/// Redirects (blob CDNs) are followed at most 5 times, never from HTTPS to
+/// plain HTTP and never to an internal address, unless the target host is
+/// one the operator configured.
+fn redirect_policy(configured: Vec<String>) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() >= 5 {
+            return attempt.error("more than 5 redirects");
+        }
+        let url = attempt.url().clone();
+        let host = match (url.host_str(), url.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_owned(),
+            _ => return attempt.error("redirect without a host"),
+        };
+        let trusted = configured.contains(&host);
+        if !trusted && url.scheme() != "https" {
+            return attempt.error(format!("refusing a redirect to plain HTTP ({url})"));
+        }
+        if !trusted && internal_ip(url.host_str().unwrap_or("")) {
+            return attempt.error(format!(
+                "refusing a redirect to an internal address ({host})"
+            ));
+        }
+        attempt.follow()
+    })
+}
+
+fn http_client(configured: Vec<String>) -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(15))
         .read_timeout(Duration::from_secs(60))
         .user_agent(concat!("moat/", env!("CARGO_PKG_VERSION")))
-        .redirect(reqwest::redirect::Policy::limited(5))
+        .redirect(redirect_policy(configured))
         .build()
         .map_err(|e| e.to_string())
 }
 
 impl RegistryClient {
     pub fn new(registries: BTreeMap<String, RegistryConfig>) -> Result<Self, ImageError> {
-        let http = http_client().map_err(|reason| ImageError::Store {
-            path: "registry client".into(),
-            reason,
+        let http = http_client(registries.keys().cloned().collect()).map_err(|reason| {
+            ImageError::Store {
+                path: "registry client".into(),
+                reason,
+            }
         })?;
         Ok(Self {
             http,
@@ -84,8 +135,17 @@ impl RegistryClient {
         })
     }
 
+    /// Settings for a host; Docker Hub's API host reads `docker.io`'s.
     fn config(&self, host: &str) -> RegistryConfig {
-        self.registries.get(host).cloned().unwrap_or_default()
+        self.registries
+            .get(host)
+            .or_else(|| {
+                (host == "registry-1.docker.io")
+                    .then(|| self.registries.get("docker.io"))
+                    .flatten()
+            })
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn scheme(&self, host: &str) -> &'static str {
@@ -167,6 +227,16 @@ impl RegistryClient {
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && !challenged {
                 challenged = true;
+                // Only the registry itself gets an answer (a redirect target
+                // asking for credentials gets none).
+                let from = match (resp.url().host_str(), resp.url().port()) {
+                    (Some(h), Some(p)) => format!("{h}:{p}"),
+                    (Some(h), None) => h.to_owned(),
+                    _ => String::new(),
+                };
+                if from != host {
+                    return Ok(resp);
+                }
                 let header = resp
                     .headers()
                     .get(WWW_AUTHENTICATE)
@@ -175,6 +245,9 @@ impl RegistryClient {
                     .to_owned();
                 let auth = self.answer(r, &header).await?;
                 if let Ok(mut t) = self.tokens.lock() {
+                    if t.len() >= MAX_CACHED_TOKENS {
+                        t.clear();
+                    }
                     t.insert(key.clone(), auth);
                 }
                 continue;
@@ -454,10 +527,9 @@ impl RegistryClient {
                 s => return Err(BlobFailure::Fatal(format!("blob request answered {s}"))),
             }
             if let Some(len) = resp.content_length() {
-                if have + len > size {
+                if have.checked_add(len).is_none_or(|end| end > size) {
                     return Err(BlobFailure::Fatal(format!(
-                        "the registry offers {} bytes; the manifest says {size}",
-                        have + len
+                        "the registry offers {len} more bytes after {have}; the manifest says {size} in all"
                     )));
                 }
             }
@@ -524,4 +596,30 @@ async fn read_capped(resp: Response, max: usize) -> Result<Vec<u8>, String> {
         out.extend_from_slice(&chunk);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::internal_ip;
+
+    #[test]
+    fn internal_addresses_are_recognised() {
+        for h in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "192.168.0.1",
+            "172.16.5.5",
+            "169.254.169.254",
+            "0.0.0.0",
+            "[::1]",
+            "fd00::1",
+            "fe80::1",
+            "localhost",
+        ] {
+            assert!(internal_ip(h), "{h}");
+        }
+        for h in ["8.8.8.8", "registry-1.docker.io", "[2001:db8::1]"] {
+            assert!(!internal_ip(h), "{h}");
+        }
+    }
 }

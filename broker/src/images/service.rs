@@ -27,6 +27,11 @@ use super::unpack::UnpackLimits;
 /// Operator limits on images.
 #[derive(Debug, Clone)]
 pub struct ImageLimits {
+    /// Registries `sandbox.start` may pull from (empty: any). Operator
+    /// pulls and imports are not limited by it.
+    pub allowed_registries: Vec<String>,
+    /// Pulls running at once in this process; more wait their turn.
+    pub concurrent_pulls: usize,
     pub max_layers: usize,
     /// Compressed size of one layer.
     pub max_layer_bytes: u64,
@@ -75,6 +80,26 @@ pub struct Images {
     limits: ImageLimits,
     /// One pull per name at a time in this process.
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// `concurrent_pulls` permits.
+    pulls: tokio::sync::Semaphore,
+}
+
+/// A per-name pull gate; the map entry goes when the last holder drops.
+struct Gate<'a>(
+    Arc<tokio::sync::Mutex<()>>,
+    &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    String,
+);
+
+impl Drop for Gate<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.1.lock() {
+            // Ours and the map's: nobody else waits on it.
+            if Arc::strong_count(&self.0) <= 2 {
+                map.remove(&self.2);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Images {
@@ -102,8 +127,9 @@ impl Images {
         Ok(Self {
             store,
             client: RegistryClient::new(registries)?,
-            limits,
+            limits: limits.clone(),
             inflight: Mutex::new(HashMap::new()),
+            pulls: tokio::sync::Semaphore::new(limits.concurrent_pulls.max(1)),
         })
     }
 
@@ -137,7 +163,23 @@ impl Images {
                     detail: "it is not in the local store and this server does not pull images; ask the operator to `moat image pull` or import it".into(),
                 });
             }
-            self.pull(r, progress.clone()).await?;
+            let allowed = &self.limits.allowed_registries;
+            if !allowed.is_empty() && !allowed.contains(&r.registry) {
+                return Err(ImageError::NotFound {
+                    image: name,
+                    detail: format!(
+                        "it is not in the local store, and this server pulls only from {}",
+                        allowed.join(", ")
+                    ),
+                });
+            }
+            // Another start may be pulling it: wait for that one, then use
+            // its result rather than pulling again.
+            let gate = self.gate(&name)?;
+            let _turn = gate.0.lock().await;
+            if self.store.get_ref(&name)?.is_none() {
+                self.pull_locked(r, progress.clone()).await?;
+            }
         }
         let lock = self.shared_lock().await?;
         let record = self
@@ -215,6 +257,19 @@ impl Images {
             return Err(invalid("expected an image manifest, found an index".into()));
         };
         let info = manifest_info(&m, self.limits.max_layers).map_err(invalid)?;
+        // Before anything is fetched: the whole image, compressed, within
+        // the uncompressed cap (so a failed pull leaves at most that much).
+        let total = info
+            .layers
+            .iter()
+            .try_fold(0u64, |sum, l| sum.checked_add(l.size))
+            .filter(|t| *t <= self.limits.unpack.max_total_bytes);
+        if total.is_none() {
+            return Err(invalid(format!(
+                "its layers add up to more than {} bytes (images.max_image_bytes)",
+                self.limits.unpack.max_total_bytes
+            )));
+        }
         for l in &info.layers {
             if l.size > self.limits.max_layer_bytes {
                 return Err(ImageError::Layer {
@@ -232,22 +287,19 @@ impl Images {
 
     /// Pulls `r` from its registry and points its name at it.
     pub async fn pull(&self, r: &Reference, progress: ProgressFn) -> Result<RefRecord, ImageError> {
-        let name = r.to_string();
-        let gate = {
-            let mut map = self.inflight.lock().map_err(|_| ImageError::Store {
-                path: "pulls".into(),
-                reason: "lock poisoned".into(),
-            })?;
-            map.entry(name.clone()).or_default().clone()
-        };
-        let _turn = gate.lock().await;
-        let result = self.pull_locked(r, progress).await;
-        if let Ok(mut map) = self.inflight.lock() {
-            if Arc::strong_count(&gate) <= 2 {
-                map.remove(&name);
-            }
-        }
-        result
+        let gate = self.gate(&r.to_string())?;
+        let _turn = gate.0.lock().await;
+        self.pull_locked(r, progress).await
+    }
+
+    /// The per-name gate (shared by everyone pulling that name now).
+    fn gate(&self, name: &str) -> Result<Gate<'_>, ImageError> {
+        let mut map = self.inflight.lock().map_err(|_| ImageError::Store {
+            path: "pulls".into(),
+            reason: "lock poisoned".into(),
+        })?;
+        let lock = map.entry(name.to_owned()).or_default().clone();
+        Ok(Gate(lock, &self.inflight, name.to_owned()))
     }
 
     async fn pull_locked(
@@ -256,6 +308,10 @@ impl Images {
         progress: ProgressFn,
     ) -> Result<RefRecord, ImageError> {
         let name = r.to_string();
+        let _permit = self.pulls.acquire().await.map_err(|e| ImageError::Store {
+            path: "pulls".into(),
+            reason: e.to_string(),
+        })?;
         let _lock = self.shared_lock().await?;
         let invalid = |reason: String| ImageError::Invalid {
             image: name.clone(),
@@ -291,7 +347,7 @@ impl Images {
             .await?;
         let config_bytes = self.store.read_blob(&info.config, MAX_MANIFEST_BYTES)?;
         let config = parse_config(&config_bytes).map_err(invalid)?;
-        if !config.diff_ids.is_empty() && config.diff_ids.len() != info.layers.len() {
+        if config.diff_ids.len() != info.layers.len() {
             return Err(invalid(format!(
                 "the config lists {} layers, the manifest {}",
                 config.diff_ids.len(),
@@ -364,7 +420,10 @@ impl Images {
         self.client
             .blob_to_file(r, d, size, &partial, &report)
             .await?;
-        self.store.commit_partial(d)
+        let (store, d) = (self.store.clone(), d.clone());
+        tokio::task::spawn_blocking(move || store.commit_partial(&d))
+            .await
+            .map_err(blocking_err)?
     }
 
     /// Imports an OCI layout directory or a `docker save` tarball under
@@ -373,6 +432,7 @@ impl Images {
         &self,
         path: &std::path::Path,
         tag: Option<&str>,
+        replace: bool,
         progress: ProgressFn,
     ) -> Result<RefRecord, ImageError> {
         let _lock = self.store.lock_shared()?;
@@ -385,6 +445,17 @@ impl Images {
         let name = imported.name.clone();
         let info = self.checked_manifest(&name, &imported.manifest_bytes)?;
         let manifest = self.store.write_blob(&imported.manifest_bytes)?;
+        if let Some(existing) = self.store.get_ref(&name)? {
+            if existing.manifest != manifest.to_string() && !replace {
+                return Err(ImageError::Invalid {
+                    image: name,
+                    reason: format!(
+                        "the store already has this name for another image ({}); pass --force to replace it",
+                        existing.manifest
+                    ),
+                });
+            }
+        }
         let config_bytes = self.store.read_blob(&info.config, MAX_MANIFEST_BYTES)?;
         let config = parse_config(&config_bytes).map_err(|reason| ImageError::Invalid {
             image: name.clone(),

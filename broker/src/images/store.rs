@@ -355,7 +355,11 @@ impl Store {
                 } else {
                     fs::remove_file(e.path())
                 };
-                removed.map_err(|err| ImageError::store(&e.path(), err))?;
+                // One stuck entry (too deep, busy) must not stop the rest.
+                if let Err(err) = removed {
+                    tracing::warn!(path = %e.path().display(), %err, "gc could not remove an entry");
+                    continue;
+                }
                 *count += 1;
                 *bytes += size;
             }

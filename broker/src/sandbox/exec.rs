@@ -145,18 +145,22 @@ impl CommandRequest {
 /// The environment a process in the sandbox sees: base, then the sandbox's
 /// envs, then the call's (a later key replaces an earlier one).
 pub fn command_env(spec: &SandboxSpec, call_envs: &[String]) -> Vec<String> {
-    let mut env: Vec<String> = Vec::new();
-    let all = BASE_ENV
+    let all: Vec<&str> = BASE_ENV
         .iter()
-        .map(|s| s.to_string())
-        .chain(spec.envs.iter().cloned())
-        .chain(call_envs.iter().cloned());
-    for e in all {
-        let key = e.split('=').next().unwrap_or_default().to_string();
-        env.retain(|x| x.split('=').next() != Some(key.as_str()));
-        env.push(e);
-    }
-    env
+        .copied()
+        .chain(spec.envs.iter().map(String::as_str))
+        .chain(call_envs.iter().map(String::as_str))
+        .collect();
+    // Each key keeps its last value, at the place of that last occurrence
+    // (linear: the lists can be long).
+    let key = |e: &str| e.split('=').next().unwrap_or_default().to_owned();
+    let last: std::collections::HashMap<String, usize> =
+        all.iter().enumerate().map(|(i, e)| (key(e), i)).collect();
+    all.iter()
+        .enumerate()
+        .filter(|(i, e)| last.get(&key(e)) == Some(i))
+        .map(|(_, e)| (*e).to_owned())
+        .collect()
 }
 
 pub async fn run(

@@ -14,8 +14,9 @@ use crate::error::BrokerError;
 use crate::images::manifest::RuntimeConfig;
 use crate::images::{ImageError, Progress, ReadyImage};
 
-use super::spec::{check_env, check_path, ImageSource, SandboxSpec};
+use super::spec::{check_env, check_path, ImageSource, SandboxSpec, MAX_ENVS};
 use super::vm::LaunchContext;
+use crate::config::Limits;
 
 /// What `boot` needs of the image; holds the store's shared lock (when the
 /// image came from the store) until the VM has started.
@@ -70,7 +71,7 @@ pub async fn prepare(
             ))
         })?
         .map_err(image_error)?;
-    let effective = apply_config(spec, &ready.config)
+    let effective = apply_config(spec, &ready.config, &ctx.config.limits)
         .map_err(|reason| BrokerError::Failed(format!("image {r}: {reason}")))?;
     Ok(PreparedImage {
         disk: ready.disk.clone(),
@@ -80,14 +81,36 @@ pub async fn prepare(
 }
 
 /// The definition with the image's config applied.
-pub fn apply_config(spec: &SandboxSpec, image: &RuntimeConfig) -> Result<SandboxSpec, String> {
+pub fn apply_config(
+    spec: &SandboxSpec,
+    image: &RuntimeConfig,
+    limits: &Limits,
+) -> Result<SandboxSpec, String> {
     let mut out = spec.clone();
+    // The image's lists are held to the same caps as a request's.
+    if image.env.len() > MAX_ENVS {
+        return Err(format!(
+            "its Env has {} entries; the limit is {MAX_ENVS}",
+            image.env.len()
+        ));
+    }
+    let bytes = |v: &[String]| v.iter().map(String::len).sum::<usize>();
+    let max = limits.max_request_bytes as usize;
+    if bytes(&image.env) > max || bytes(&image.entrypoint) + bytes(&image.cmd) > max {
+        return Err(format!(
+            "its Env or Entrypoint + Cmd are over {max} bytes (limits.max_request_bytes)"
+        ));
+    }
     let mut envs: Vec<String> = Vec::new();
+    let mut skipped = 0;
     for e in &image.env {
         match check_env(e) {
             Ok(()) => envs.push(e.clone()),
-            Err(why) => tracing::warn!(env = %e, %why, "image Env entry skipped"),
+            Err(_) => skipped += 1,
         }
+    }
+    if skipped > 0 {
+        tracing::warn!(skipped, "malformed image Env entries skipped");
     }
     envs.extend(spec.envs.iter().cloned());
     out.envs = envs;
@@ -174,7 +197,7 @@ mod tests {
 
     #[test]
     fn image_env_first_workdir_default_and_entrypoint_as_exec() {
-        let e = apply_config(&spec(), &image()).unwrap();
+        let e = apply_config(&spec(), &image(), &Limits::default()).unwrap();
         assert_eq!(
             e.envs,
             vec!["PATH=/usr/local/bin:/usr/bin", "A=image", "A=sandbox"]
@@ -191,14 +214,18 @@ mod tests {
         let mut s = spec();
         s.workdir = Some("/work".into());
         s.scripts.insert("start".into(), "echo".into());
-        let e = apply_config(&s, &image()).unwrap();
+        let e = apply_config(&s, &image(), &Limits::default()).unwrap();
         assert_eq!(e.workdir.as_deref(), Some("/work"));
         assert_eq!(e.exec, None, "the start script runs instead");
         let mut bad = image();
         bad.working_dir = Some("relative/dir".into());
-        assert!(apply_config(&spec(), &bad)
+        assert!(apply_config(&spec(), &bad, &Limits::default())
             .unwrap_err()
             .contains("WorkingDir"));
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        let mut huge = image();
+        huge.env = (0..MAX_ENVS + 1).map(|i| format!("K{i}=")).collect();
+        let e = apply_config(&spec(), &huge, &Limits::default()).unwrap_err();
+        assert!(e.contains("Env has 257 entries"), "{e}");
     }
 }

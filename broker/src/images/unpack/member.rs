@@ -9,6 +9,9 @@
 
 use std::io::Read;
 
+/// Most xattrs one entry may carry (bounds the work per PAX header).
+const MAX_XATTRS: usize = 64;
+
 use nix::sys::time::TimeSpec;
 use tar::Header;
 
@@ -160,6 +163,11 @@ impl Pax {
                                 "it has an xattr with an empty name or a NUL byte in its name"
                                     .into(),
                             );
+                        }
+                        if pax.xattrs.len() >= MAX_XATTRS {
+                            return Err(format!(
+                                "it has more than {MAX_XATTRS} xattrs; the limit is {MAX_XATTRS}"
+                            ));
                         }
                         pax.xattrs.retain(|x| x.name != name);
                         pax.xattrs.push(Xattr {

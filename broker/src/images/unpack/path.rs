@@ -8,6 +8,9 @@
 pub(super) const MAX_PATH: usize = 4096;
 /// Longest component accepted, in bytes (Linux's `NAME_MAX`).
 const MAX_NAME: usize = 255;
+/// Deepest path accepted: work on a tree keeps an fd per level, so depth
+/// is bounded well below the open-files limit.
+const MAX_DEPTH: usize = 256;
 
 /// A checked path beneath the root; no components means the root itself.
 #[derive(Debug, PartialEq, Eq)]
@@ -54,6 +57,12 @@ impl<'a> TreePath<'a> {
                 name => components.push(name),
             }
         }
+        if components.len() > MAX_DEPTH {
+            return Err(format!(
+                "the path is {} directories deep, over the {MAX_DEPTH}-level limit",
+                components.len()
+            ));
+        }
         Ok(TreePath { components })
     }
 
@@ -80,6 +89,10 @@ pub(super) fn joined(components: &[&[u8]]) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// Deepest path accepted: work on a tree keeps an fd per level, so depth
+    /// is bounded well below the open-files limit.
+    const MAX_DEPTH: usize = 256;
+
     fn parts(raw: &[u8]) -> Vec<Vec<u8>> {
         let p = TreePath::parse(raw).expect("valid");
         let mut all: Vec<Vec<u8>> = p.parent().iter().map(|c| c.to_vec()).collect();
@@ -96,6 +109,15 @@ mod tests {
         );
         assert!(TreePath::parse(b"./").expect("root").name().is_none());
         assert!(TreePath::parse(b".").expect("root").name().is_none());
+    }
+
+    #[test]
+    fn depth_is_bounded() {
+        let ok = "a/".repeat(MAX_DEPTH);
+        assert!(TreePath::parse(ok.as_bytes()).is_ok());
+        let deep = "a/".repeat(MAX_DEPTH + 1);
+        let err = TreePath::parse(deep.as_bytes()).expect_err("too deep");
+        assert!(err.contains("deep"), "{err}");
     }
 
     #[test]
