@@ -240,6 +240,9 @@ impl Images {
             self.limits.unpack.clone(),
         );
         let (disk, stats) = tokio::task::spawn_blocking(move || {
+            // Its own shared lock: if the start waiting for it gives up,
+            // the build still keeps gc away until it is done.
+            let _lock = store.lock_shared()?;
             ensure_disk(&store, &image, &manifest, &layers, &diff_ids, &limits)
         })
         .await
