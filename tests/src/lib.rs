@@ -79,6 +79,10 @@ pub struct Options {
     /// of the shared one set-up filled with the default images
     /// (`build/store`).
     pub private_store: bool,
+    /// Let `sandbox.start` pull missing images. Off by default: the suites
+    /// send traffic to loopback only, and a mistyped image must not reach
+    /// out to a public registry.
+    pub pulls: bool,
 }
 
 impl Default for Options {
@@ -99,6 +103,7 @@ impl Default for Options {
             limits_toml: String::new(),
             images_toml: String::new(),
             private_store: false,
+            pulls: false,
         }
     }
 }
@@ -200,6 +205,7 @@ agent = "{agent}"
 [images]
 default = "base"
 store = "{store}"
+{pulls}
 {images_extra}
 [images.local]
 {images}
@@ -244,6 +250,11 @@ qemu = "{qemu}"
             }
             .display(),
             images_extra = opts.images_toml,
+            pulls = if opts.pulls {
+                ""
+            } else {
+                "pull_on_start = false"
+            },
             unjailed = opts.unjailed,
             qemu = opts
                 .qemu
