@@ -81,7 +81,8 @@ pub struct Options {
     pub private_store: bool,
     /// Let `sandbox.start` pull missing images. Off by default: the suites
     /// send traffic to loopback only, and a mistyped image must not reach
-    /// out to a public registry.
+    /// out to a public registry. When on, `images_toml` may still set
+    /// `pull_on_start` itself.
     pub pulls: bool,
 }
 

@@ -56,7 +56,7 @@ fn server_for(toml: String, images_toml: &str) -> Server {
         broker_toml: toml,
         images_toml: images_toml.to_string(),
         private_store: true,
-        pulls: !images_toml.contains("pull_on_start"),
+        pulls: true,
         ..Options::default()
     })
 }
