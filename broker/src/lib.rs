@@ -17,6 +17,7 @@ pub mod error;
 pub mod images;
 pub mod initramfs;
 pub mod jail;
+pub mod network;
 pub mod privileges;
 pub mod quota;
 pub mod sandbox;

@@ -439,6 +439,8 @@ async fn setup(
         exec: spec.exec.clone().unwrap_or_default(),
         log_max_bytes,
         user: spec.user.clone().unwrap_or_default(),
+        mounts: Vec::new(),
+        network: None,
     });
     match agent.call(body, wait).await {
         Ok(reply) => match reply.body {
