@@ -47,6 +47,7 @@ pub struct BrokerConfig {
     pub testing: TestingConfig,
     pub jail: JailConfig,
     pub volumes: VolumesConfig,
+    pub network: NetworkConfig,
     /// Per registry host (`"ghcr.io"`, `"127.0.0.1:5000"`): plain HTTP
     /// allowed, credentials.
     pub registries: BTreeMap<String, crate::images::registry::RegistryConfig>,
@@ -64,6 +65,79 @@ pub struct VolumesConfig {
     pub allowed_roots: Vec<PathBuf>,
     /// Most volumes per sandbox.
     pub max_volumes: u32,
+    /// Who owns what sandboxes write into volumes: the VM process of a
+    /// sandbox with volumes runs as this uid/gid (never root; outside
+    /// `sandbox_ids`), so files appear on the host owned by it.
+    pub owner_uid: u32,
+    pub owner_gid: u32,
+}
+
+/// Guest networking (`config.scope`, `config.ports`): see docs/networking.md.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Scope of a sandbox whose config names none: "none", "group",
+    /// "public" or "any".
+    pub default_scope: String,
+    /// Widest scope a caller may ask for.
+    pub max_scope: String,
+    /// Each sandbox with a NIC gets a /30 of this subnet, by slot; it must
+    /// hold 4 addresses per `sandbox_ids.count`.
+    pub subnet: String,
+    /// Tap devices are named `<iface_prefix><slot>` (1-8 of [a-z0-9]).
+    pub iface_prefix: String,
+    /// The broker's nftables table (`inet <table>`).
+    pub table: String,
+    /// The nft binary.
+    pub nft: PathBuf,
+    /// Private ranges (CIDR) that `public` sandboxes may reach anyway.
+    pub allowed_private: Vec<String>,
+    /// Upstream resolvers (`ip` or `ip:port`) for sandboxes that may reach
+    /// the internet; empty: the `nameserver`s of the host's
+    /// /etc/resolv.conf, read at broker start.
+    pub dns_upstreams: Vec<String>,
+    /// Connections forwarded from one sandbox at once.
+    pub max_connections: u32,
+    /// Bytes per second one sandbox may send / receive through the host
+    /// (0: unlimited).
+    pub egress_bytes_per_sec: u64,
+    pub ingress_bytes_per_sec: u64,
+    /// When the broker had to turn on IPv4 forwarding, drop forwarded
+    /// traffic that involves none of its taps (the host stays no router).
+    pub guard_forwarding: bool,
+    /// Address published ports listen on.
+    pub port_bind_address: std::net::IpAddr,
+    /// Host ports a sandbox may publish: `port_min..=port_max`.
+    pub port_min: u16,
+    pub port_max: u16,
+    /// Most published ports per sandbox.
+    pub max_ports: u32,
+    /// Connections one published port carries at once.
+    pub max_port_connections: u32,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            default_scope: "none".into(),
+            max_scope: "public".into(),
+            subnet: "10.213.0.0/16".into(),
+            iface_prefix: "mtap".into(),
+            table: "moat".into(),
+            nft: PathBuf::from("/usr/sbin/nft"),
+            allowed_private: Vec::new(),
+            dns_upstreams: Vec::new(),
+            max_connections: 512,
+            egress_bytes_per_sec: 64 << 20,
+            ingress_bytes_per_sec: 64 << 20,
+            guard_forwarding: true,
+            port_bind_address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            port_min: 1024,
+            port_max: 65535,
+            max_ports: 16,
+            max_port_connections: 256,
+        }
+    }
 }
 
 impl Default for VolumesConfig {
@@ -72,6 +146,8 @@ impl Default for VolumesConfig {
             dir: PathBuf::from("/var/lib/moat/volumes"),
             allowed_roots: Vec::new(),
             max_volumes: 16,
+            owner_uid: 1_899_999_999,
+            owner_gid: 1_899_999_999,
         }
     }
 }
@@ -255,6 +331,7 @@ impl Default for BrokerConfig {
             testing: TestingConfig::default(),
             jail: JailConfig::default(),
             volumes: VolumesConfig::default(),
+            network: NetworkConfig::default(),
             registries: BTreeMap::new(),
         }
     }
@@ -344,6 +421,105 @@ impl Default for CgroupConfig {
             root: PathBuf::from("/sys/fs/cgroup"),
             parent: "moat".into(),
         }
+    }
+}
+
+impl NetworkConfig {
+    /// The scope a sandbox gets when its config names none.
+    pub fn default_scope(&self) -> crate::network::firewall::Scope {
+        self.default_scope
+            .parse()
+            .unwrap_or(crate::network::firewall::Scope::None)
+    }
+
+    /// The widest scope a caller may ask for.
+    pub fn max_scope(&self) -> crate::network::firewall::Scope {
+        self.max_scope
+            .parse()
+            .unwrap_or(crate::network::firewall::Scope::None)
+    }
+
+    /// Whether this server gives any sandbox a NIC.
+    pub fn enabled(&self) -> bool {
+        self.max_scope() != crate::network::firewall::Scope::None || self.max_ports > 0
+    }
+
+    fn validate(&self, ids: &IdRange) -> Result<(), String> {
+        use crate::network::firewall::{Ipv4Net, Scope};
+        let scope = |field: &str, v: &str| {
+            v.parse::<Scope>().map_err(|_| {
+                format!("network.{field} {v:?}: use \"none\", \"group\", \"public\" or \"any\"")
+            })
+        };
+        let default = scope("default_scope", &self.default_scope)?;
+        let max = scope("max_scope", &self.max_scope)?;
+        if default > max {
+            return Err(format!(
+                "network.default_scope {default} is wider than network.max_scope {max}"
+            ));
+        }
+        let subnet: Ipv4Net = self
+            .subnet
+            .parse()
+            .map_err(|e| format!("network.subnet {:?}: {e}", self.subnet))?;
+        if crate::network::addressing::capacity(&subnet) < u64::from(ids.count) {
+            return Err(format!(
+                "network.subnet {subnet} has room for {} sandboxes but sandbox_ids.count is {}: use a larger subnet (4 addresses per sandbox) or fewer ids",
+                crate::network::addressing::capacity(&subnet),
+                ids.count
+            ));
+        }
+        for cidr in &self.allowed_private {
+            cidr.parse::<Ipv4Net>()
+                .map_err(|e| format!("network.allowed_private {cidr:?}: {e}"))?;
+        }
+        for up in &self.dns_upstreams {
+            crate::network::parse_upstream(up).ok_or_else(|| {
+                format!("network.dns_upstreams {up:?}: give an IP address or ip:port")
+            })?;
+        }
+        let max_slot_len = ids.count.saturating_sub(1).to_string().len();
+        if self.iface_prefix.is_empty()
+            || self.iface_prefix.len() + max_slot_len > 15
+            || !self
+                .iface_prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            || !self.iface_prefix.as_bytes()[0].is_ascii_lowercase()
+        {
+            return Err(format!(
+                "network.iface_prefix {:?}: use lowercase letters and digits, starting with a letter, short enough that prefix + slot number fits 15 bytes",
+                self.iface_prefix
+            ));
+        }
+        if self.table.is_empty()
+            || self.table.len() > 32
+            || !self
+                .table
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(format!(
+                "network.table {:?}: use 1-32 letters, digits or '_'",
+                self.table
+            ));
+        }
+        if !self.nft.is_absolute() {
+            return Err(format!(
+                "network.nft {:?} must be an absolute path",
+                self.nft
+            ));
+        }
+        if self.port_min == 0 || self.port_min > self.port_max {
+            return Err(format!(
+                "network.port_min {} and port_max {} must form a range of ports above 0",
+                self.port_min, self.port_max
+            ));
+        }
+        if self.max_connections == 0 || self.max_port_connections == 0 {
+            return Err("network.max_connections and max_port_connections must be above 0".into());
+        }
+        Ok(())
     }
 }
 
@@ -512,6 +688,18 @@ impl BrokerConfig {
                 return bad(format!("{what} cannot be /: it would share the whole host"));
             }
         }
+        let v = &self.volumes;
+        if v.owner_uid == 0 || v.owner_gid == 0 {
+            return bad("volumes.owner_uid and owner_gid must not be 0: files sandboxes write never belong to root".into());
+        }
+        if ids.contains(&v.owner_uid) || v.owner_uid == self.gateway_uid {
+            return bad(
+                "volumes.owner_uid must be outside sandbox_ids and differ from gateway_uid".into(),
+            );
+        }
+        self.network
+            .validate(&self.sandbox_ids)
+            .map_err(ConfigError::Invalid)?;
         if !self.images.local.contains_key(&self.images.default)
             && crate::images::Reference::parse(&self.images.default).is_err()
         {

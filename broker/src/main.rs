@@ -134,6 +134,11 @@ async fn run(config: BrokerConfig) -> Result<()> {
     )?);
     tracing::info!(store = %config.images.store.display(), pull_on_start = config.images.pull_on_start, "image store");
 
+    let network = Arc::new(
+        moat_broker::network::Networking::start(&config.network)
+            .context("guest networking (see [network] in the broker config)")?,
+    );
+
     let ctx = LaunchContext {
         config: config.clone(),
         vmm: vmm.clone(),
@@ -148,6 +153,7 @@ async fn run(config: BrokerConfig) -> Result<()> {
         initramfs,
         jail_mode,
         images,
+        network,
     };
     let sandboxes = Arc::new(Sandboxes::new(ctx));
     let service = BrokerService::new(sandboxes.clone(), vmm.describe());

@@ -8,7 +8,7 @@
 use caps::{CapSet, Capability, CapsHashSet};
 
 /// Each capability the broker keeps, and why.
-pub const KEPT: [(Capability, &str); 9] = [
+pub const KEPT: [(Capability, &str); 11] = [
     (
         Capability::CAP_SYS_ADMIN,
         "moat-jailer: unshare namespaces, mount the jail root, pivot_root",
@@ -44,6 +44,14 @@ pub const KEPT: [(Capability, &str); 9] = [
     (
         Capability::CAP_KILL,
         "stop VM processes that run under sandbox uids",
+    ),
+    (
+        Capability::CAP_NET_ADMIN,
+        "guest networking: create and address tap devices, install the nftables rules (nft inherits it)",
+    ),
+    (
+        Capability::CAP_NET_BIND_SERVICE,
+        "each sandbox's DNS responder on port 53 of its tap address",
     ),
 ];
 

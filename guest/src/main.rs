@@ -5,10 +5,12 @@
 //! Modules: [`pid1`] boot sequence and reaper; [`rootfs`] mounts and root
 //! switch; [`initramfs`] freeing it; [`discover`] sysfs device lookup;
 //! [`host`] hostname and loopback; [`channel`] the framed request server;
-//! [`exec`] running commands; [`repl`] REPL sessions; [`setup`] scripts and
-//! the background process; [`testhook`] gated protocol misbehaviour for
-//! tests; [`output`] output lines and caps; [`fd`] descriptor helpers;
-//! [`power`] power-off; [`log`] console lines; [`error`] the error type.
+//! [`exec`] running commands; [`repl`] REPL sessions; [`setup`] the setup
+//! request (volumes, NIC, scripts, the background process); [`mounts`] 9p
+//! volumes; [`netconf`] the sandbox NIC, resolv.conf and hosts; [`testhook`]
+//! gated protocol misbehaviour for tests; [`output`] output lines and caps;
+//! [`fd`] descriptor helpers; [`power`] power-off; [`log`] console lines;
+//! [`error`] the error type.
 
 mod channel;
 mod discover;
@@ -18,6 +20,8 @@ mod fd;
 mod host;
 mod initramfs;
 mod log;
+mod mounts;
+mod netconf;
 mod output;
 mod pid1;
 mod power;

@@ -5,6 +5,7 @@
 //! detached and the new root made read-only.
 
 use std::fs;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
@@ -12,7 +13,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
 use crate::error::JailError;
-use crate::spec::{Bind, JailSpec, DEVICES};
+use crate::spec::{Bind, FdBind, JailSpec, DEVICES};
 
 const NONE: Option<&str> = None;
 
@@ -49,7 +50,82 @@ fn bind_mount(root: &Path, b: &Bind) -> Result<(), JailError> {
     Ok(())
 }
 
-pub fn enter_root(spec: &JailSpec) -> Result<(), JailError> {
+// From <linux/mount.h> and <fcntl.h>.
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const AT_EMPTY_PATH: libc::c_uint = 0x1000;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+/// Before the new mount namespace exists: turns each volume fd the broker
+/// passed into a detached copy of its mount (`open_tree(OPEN_TREE_CLONE)`),
+/// which — unlike the fd's own mount, which belongs to the host's namespace —
+/// can be attached inside the jail. The broker's fds are closed.
+pub fn detach_volumes(spec: &JailSpec) -> Result<Vec<(OwnedFd, FdBind)>, JailError> {
+    let mut out = Vec::with_capacity(spec.fd_binds.len());
+    for b in &spec.fd_binds {
+        // SAFETY: open_tree with an fd this process owns, an empty C string
+        // and integer flags; it returns a new fd or -1.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_open_tree,
+                b.fd,
+                c"".as_ptr(),
+                OPEN_TREE_CLONE | AT_EMPTY_PATH | libc::O_CLOEXEC as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(JailError::step("clone a volume's mount")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: open_tree returned a new fd that nothing else owns.
+        let tree = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+        // SAFETY: closing the broker's fd number, used by nothing else now.
+        unsafe { libc::close(b.fd) };
+        out.push((tree, b.clone()));
+    }
+    Ok(out)
+}
+
+/// Attaches a detached volume mount at its place in the jail root and
+/// applies the bind flags (read-only unless writable; never suid, dev or
+/// exec). The volume was resolved by the broker beneath its root; the jail
+/// never looks it up by path.
+fn attach_volume(root: &Path, tree: OwnedFd, b: FdBind) -> Result<(), JailError> {
+    let target = inside(root, &b.dst);
+    fs::create_dir_all(&target).map_err(JailError::step("create a volume mount point"))?;
+    let c_target = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+        .map_err(|_| JailError::Spec("volume target contains NUL".into()))?;
+    // SAFETY: move_mount from a detached-tree fd we own to a NUL-terminated
+    // absolute path; integer flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            c_target.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(JailError::step("attach a volume")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    drop(tree);
+    let mut flags = MsFlags::MS_BIND
+        | MsFlags::MS_REMOUNT
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV
+        | MsFlags::MS_NOEXEC;
+    if !b.writable {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    mount(NONE, &target, NONE, flags, NONE).map_err(JailError::errno("remount a volume"))?;
+    Ok(())
+}
+
+pub fn enter_root(spec: &JailSpec, volumes: Vec<(OwnedFd, FdBind)>) -> Result<(), JailError> {
     let root = &spec.root;
     // Nothing we mount propagates back to the host.
     mount(NONE, "/", NONE, MsFlags::MS_REC | MsFlags::MS_PRIVATE, NONE)
@@ -81,6 +157,9 @@ pub fn enter_root(spec: &JailSpec) -> Result<(), JailError> {
     }
     for b in &spec.binds {
         bind_mount(root, b)?;
+    }
+    for (tree, b) in volumes {
+        attach_volume(root, tree, b)?;
     }
     let dev = root.join("dev");
     fs::create_dir_all(&dev).map_err(JailError::step("create /dev"))?;

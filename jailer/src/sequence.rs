@@ -2,8 +2,11 @@
 //! before it):
 //!
 //! 1. validate the spec (`spec.rs`, before this function runs);
-//! 2. close every inherited fd above stderr; clear the environment;
+//! 2. close every inherited fd above stderr except the passed ones (3, 4,
+//!    ...: `--keep-fd`, `--bind-fd`); clear the environment;
 //! 3. join the sandbox's cgroups (memory, CPU, pids limits apply from here);
+//!    turn the volume fds into detached mounts (they must be cloned while
+//!    still in the host's mount namespace);
 //! 4. new mount, PID, IPC, UTS and network namespaces;
 //! 5. fork: the child is PID 1 of the new PID namespace; the parent drops to
 //!    the sandbox's ids, waits for it and exits with its status;
@@ -37,8 +40,10 @@ pub fn run(spec: &JailSpec) -> JailError {
 
 fn steps(spec: &JailSpec) -> Result<std::convert::Infallible, JailError> {
     // Step 2.
-    // SAFETY: close_range with plain integer arguments; fds 0-2 stay.
-    let r = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    let first_closed = 3 + (spec.keep_fds.len() + spec.fd_binds.len()) as u32;
+    // SAFETY: close_range with plain integer arguments; fds 0-2 and the
+    // passed fds (validated to be exactly 3..first_closed) stay.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, first_closed, u32::MAX, 0u32) };
     if r < 0 {
         return Err(JailError::step("close inherited fds")(
             std::io::Error::last_os_error(),
@@ -60,6 +65,7 @@ fn steps(spec: &JailSpec) -> Result<std::convert::Infallible, JailError> {
     for procs in &spec.cgroup_procs {
         std::fs::write(procs, b"0").map_err(JailError::step("join cgroup"))?;
     }
+    let volumes = mounts::detach_volumes(spec)?;
     // Step 4.
     unshare(
         CloneFlags::CLONE_NEWNS
@@ -74,6 +80,13 @@ fn steps(spec: &JailSpec) -> Result<std::convert::Infallible, JailError> {
     // runs this function's remaining steps and then execs.
     match unsafe { fork() }.map_err(JailError::errno("fork into the PID namespace"))? {
         ForkResult::Parent { child } => {
+            // Only the VM process holds the passed fds (a tap lives exactly
+            // as long as its last holder).
+            for fd in &spec.keep_fds {
+                // SAFETY: closing an fd number this process owns.
+                unsafe { libc::close(*fd) };
+            }
+            drop(volumes);
             let broker = nix::unistd::getppid();
             privileges::drop_ids(spec)?;
             privileges::no_new_privs()?;
@@ -97,7 +110,7 @@ fn steps(spec: &JailSpec) -> Result<std::convert::Infallible, JailError> {
         ForkResult::Child => {}
     }
     // Step 6.
-    mounts::enter_root(spec)?;
+    mounts::enter_root(spec, volumes)?;
     nix::unistd::sethostname(&spec.hostname).map_err(JailError::errno("sethostname"))?;
     // Step 7.
     privileges::set_rlimits(spec)?;

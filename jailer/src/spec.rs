@@ -5,10 +5,16 @@
 //! moat-jailer --uid N --gid N [--group G]... --cgroup-procs FILE...
 //!   --root DIR [--ro SRC:DST]... [--rw SRC:DST]... [--dev NAME]...
 //!   [--nofile N] [--fsize BYTES] [--nproc N] [--hostname NAME]
+//!   [--keep-fd N]... [--bind-fd N:DST:ro|rw]...
 //!   -- PROGRAM [ARG]...
 //! ```
 //! Paths given with `--ro`/`--rw` are bind-mounted at DST inside the new
 //! root; `--dev` creates a device node (null, zero, random, urandom, kvm).
+//! `--keep-fd` fds stay open into the VMM (a tap device); `--bind-fd` fds
+//! are directories (volumes, opened by the broker beneath their roots) bound
+//! at DST and then closed, so the jail never resolves a volume by path. The
+//! fds named by both flags must be exactly 3, 4, ... with no gap: every
+//! other inherited fd is closed.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
@@ -38,8 +44,20 @@ pub struct JailSpec {
     pub fsize: Option<u64>,
     pub nproc: u64,
     pub hostname: String,
+    /// Fds passed through to the VMM.
+    pub keep_fds: Vec<i32>,
+    /// Directory fds bound into the jail, then closed.
+    pub fd_binds: Vec<FdBind>,
     pub program: PathBuf,
     pub args: Vec<OsString>,
+}
+
+/// A directory the broker opened, bound at `dst` inside the jail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FdBind {
+    pub fd: i32,
+    pub dst: PathBuf,
+    pub writable: bool,
 }
 
 /// Device nodes the jail can create: name, major, minor.
@@ -69,6 +87,35 @@ fn path(flag: &str, v: Option<OsString>) -> Result<PathBuf, JailError> {
         )));
     }
     Ok(p)
+}
+
+fn fd_number(flag: &str, v: &str) -> Result<i32, JailError> {
+    match v.parse::<i32>() {
+        Ok(n) if n >= 3 => Ok(n),
+        _ => Err(invalid(format!("{flag} {v:?}: fd numbers start at 3"))),
+    }
+}
+
+fn fd_bind(flag: &str, v: Option<OsString>) -> Result<FdBind, JailError> {
+    let v = v
+        .and_then(|v| v.into_string().ok())
+        .ok_or_else(|| invalid(format!("{flag} needs N:DST:ro|rw")))?;
+    let mut parts = v.splitn(2, ':');
+    let fd = fd_number(flag, parts.next().unwrap_or_default())?;
+    let rest = parts.next().unwrap_or_default();
+    let (dst, mode) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| invalid(format!("{flag} needs N:DST:ro|rw")))?;
+    let writable = match mode {
+        "rw" => true,
+        "ro" => false,
+        m => return Err(invalid(format!("{flag}: mode {m:?} is not ro or rw"))),
+    };
+    let dst = path(flag, Some(OsString::from(dst)))?;
+    if dst == std::path::Path::new("/") {
+        return Err(invalid(format!("{flag}: cannot bind over the jail's root")));
+    }
+    Ok(FdBind { fd, dst, writable })
 }
 
 fn bind(flag: &str, v: Option<OsString>, writable: bool) -> Result<Bind, JailError> {
@@ -110,6 +157,8 @@ impl JailSpec {
             fsize: None,
             nproc: 256,
             hostname: "moat-vm".into(),
+            keep_fds: Vec::new(),
+            fd_binds: Vec::new(),
             program: PathBuf::new(),
             args: Vec::new(),
         };
@@ -133,6 +182,14 @@ impl JailSpec {
                     }
                     s.devices.push(name);
                 }
+                "--keep-fd" => {
+                    let v = it
+                        .next()
+                        .map(|v| v.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    s.keep_fds.push(fd_number(&flag, &v)?);
+                }
+                "--bind-fd" => s.fd_binds.push(fd_bind(&flag, it.next())?),
                 "--nofile" => s.nofile = number(&flag, it.next())?,
                 "--fsize" => s.fsize = Some(number(&flag, it.next())?),
                 "--nproc" => s.nproc = number(&flag, it.next())?,
@@ -168,6 +225,18 @@ impl JailSpec {
         }
         if self.root.as_os_str().is_empty() || self.program.as_os_str().is_empty() {
             return Err(invalid("--root and a program after -- are required"));
+        }
+        let mut passed: Vec<i32> = self
+            .keep_fds
+            .iter()
+            .copied()
+            .chain(self.fd_binds.iter().map(|b| b.fd))
+            .collect();
+        passed.sort_unstable();
+        if passed.iter().zip(3..).any(|(fd, want)| *fd != want) {
+            return Err(invalid(
+                "--keep-fd and --bind-fd must name fds 3, 4, ... once each, without gaps",
+            ));
         }
         if self.nofile == 0 || self.nproc == 0 {
             return Err(invalid("--nofile and --nproc must be above 0"));
@@ -250,5 +319,50 @@ mod tests {
             .filter(|a| !a.contains("cgroup"))
             .collect();
         assert!(parse(&no_cgroup).is_err());
+    }
+
+    #[test]
+    fn passed_fds_are_contiguous_from_3() {
+        let with = |extra: &[&str]| {
+            let mut args: Vec<&str> = OK[..OK.len() - 2].to_vec();
+            args.extend(extra);
+            args.extend(["--", "/usr/bin/qemu"]);
+            parse(&args)
+        };
+        let s = with(&[
+            "--keep-fd",
+            "3",
+            "--bind-fd",
+            "4:/vol/0:ro",
+            "--bind-fd",
+            "5:/vol/1:rw",
+        ])
+        .unwrap();
+        assert_eq!(s.keep_fds, vec![3]);
+        assert_eq!(
+            s.fd_binds,
+            vec![
+                FdBind {
+                    fd: 4,
+                    dst: "/vol/0".into(),
+                    writable: false
+                },
+                FdBind {
+                    fd: 5,
+                    dst: "/vol/1".into(),
+                    writable: true
+                }
+            ]
+        );
+        assert!(with(&["--keep-fd", "4"]).is_err(), "gap at 3");
+        assert!(
+            with(&["--keep-fd", "3", "--bind-fd", "3:/v:ro"]).is_err(),
+            "twice"
+        );
+        assert!(with(&["--keep-fd", "2"]).is_err());
+        assert!(with(&["--bind-fd", "3:/v:rx"]).is_err());
+        assert!(with(&["--bind-fd", "3:/:rw"]).is_err());
+        assert!(with(&["--bind-fd", "3:/a/../b:rw"]).is_err());
+        assert!(with(&["--bind-fd", "3:relative:rw"]).is_err());
     }
 }

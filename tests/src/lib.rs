@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 pub mod registry;
+pub mod testnet;
 
 static SERVERS: AtomicU32 = AtomicU32::new(0);
 
@@ -84,6 +85,12 @@ pub struct Options {
     /// out to a public registry. When on, `images_toml` may still set
     /// `pull_on_start` itself.
     pub pulls: bool,
+    /// Extra lines for the broker's `[network]` table (the harness sets a
+    /// table, tap prefix and subnet of this server's own).
+    pub network_toml: String,
+    /// Extra lines for the broker's `[volumes]` table (the harness sets
+    /// `dir` to `volumes/` in the server's temp dir).
+    pub volumes_toml: String,
 }
 
 impl Default for Options {
@@ -105,6 +112,8 @@ impl Default for Options {
             images_toml: String::new(),
             private_store: false,
             pulls: false,
+            network_toml: String::new(),
+            volumes_toml: String::new(),
         }
     }
 }
@@ -189,7 +198,9 @@ impl Server {
         let build = build_dir();
         let (uid, gid) = user_ids("moat");
         let uid_count = 16;
-        let uid_base = 1_910_000_000 + (std::process::id() % 5000) * 1000 + n * uid_count;
+        // uid_base + uid_count is the server's volume owner (VMs with volumes
+        // run as it), so servers are spaced by one more.
+        let uid_base = 1_910_000_000 + (std::process::id() % 5000) * 1000 + n * (uid_count + 1);
         let cgroup_parent = format!("moat-e2e-{}-{n}", std::process::id());
         let mut images = format!("base = \"{}\"\n", build.join("base.erofs").display());
         for (name, path) in &opts.extra_images {
@@ -230,8 +241,42 @@ count = {uid_count}
 parent = "{cgroup_parent}"
 [vmm]
 qemu = "{qemu}"
+[network]
+table = "{net_table}"
+iface_prefix = "{net_prefix}"
+subnet = "{net_subnet}"
+guard_forwarding = false
+{network_extra}
+[volumes]
+owner_uid = {volume_owner}
+owner_gid = {volume_owner}
+{volumes_dir}
+{volumes_extra}
 {extra}
 "#,
+            net_table = format!("moate2e_{}_{n}", std::process::id()),
+            net_prefix = format!("me{}x{n}x", std::process::id() % 10000),
+            net_subnet = {
+                // A /26 (16 sandboxes) of 10.128.0.0/9 per server.
+                let block = (std::process::id() % 1000) * 32 + n % 32;
+                std::net::Ipv4Addr::from(
+                    u32::from(std::net::Ipv4Addr::new(10, 128, 0, 0)) + block * 64,
+                )
+                .to_string()
+                    + "/26"
+            },
+            network_extra = opts.network_toml,
+            volume_owner = uid_base + uid_count,
+            volumes_dir = if opts
+                .volumes_toml
+                .lines()
+                .any(|l| l.trim_start().starts_with("dir"))
+            {
+                String::new()
+            } else {
+                format!("dir = \"{}\"", dir.path().join("volumes").display())
+            },
+            volumes_extra = opts.volumes_toml,
             socket = socket.display(),
             state = state_dir.display(),
             kernel = build.join("vmlinux").display(),
@@ -606,7 +651,7 @@ qemu = "{qemu}"
 
     /// (pid, uid) of every process running under this server's sandbox uids.
     pub fn sandbox_processes(&self) -> Vec<(i32, u32)> {
-        processes_with_uids(self.uid_base..self.uid_base + self.uid_count)
+        processes_with_uids(self.uid_base..self.uid_base + self.uid_count + 1)
     }
 
     /// Sandbox cgroups that exist under this server's parent (any controller).

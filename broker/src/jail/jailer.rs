@@ -3,6 +3,7 @@
 //! jailer does everything else (see `jailer/src/sequence.rs`).
 
 use std::ffi::OsString;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::process::Stdio;
 
@@ -40,13 +41,31 @@ pub fn args(plan: &LaunchPlan, spec: &JailSpec) -> Vec<OsString> {
     push("--fsize", spec.rlimit_fsize.to_string().into());
     push("--nproc", spec.rlimit_nproc.to_string().into());
     push("--hostname", spec.hostname.clone().into());
+    let mut fd = 3;
+    if spec.keeps_tap {
+        push("--keep-fd", fd.to_string().into());
+        fd += 1;
+    }
+    for (inside, writable) in &spec.volume_binds {
+        let mut v = OsString::from(format!("{fd}:"));
+        v.push(inside);
+        v.push(if *writable { ":rw" } else { ":ro" });
+        push("--bind-fd", v);
+        fd += 1;
+    }
     a.push("--".into());
     a.push(plan.program.clone().into());
     a.extend(plan.args.iter().cloned());
     a
 }
 
-pub fn spawn(jailer: &Path, plan: &LaunchPlan, spec: &JailSpec) -> Result<Child, JailError> {
+pub fn spawn(
+    jailer: &Path,
+    plan: &LaunchPlan,
+    spec: &JailSpec,
+    fds: Vec<OwnedFd>,
+) -> Result<Child, JailError> {
+    let placement = super::passed_fds::Placement::new(&fds);
     let mut cmd = Command::new(jailer);
     cmd.args(args(plan, spec))
         .env_clear()
@@ -58,19 +77,22 @@ pub fn spawn(jailer: &Path, plan: &LaunchPlan, spec: &JailSpec) -> Result<Child,
     // SAFETY: runs in the forked child before exec; only async-signal-safe
     // raw syscalls with integer arguments.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::setsid() < 0
                 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
             {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(())
+            placement.place()
         });
     }
-    cmd.spawn().map_err(|source| JailError::Spawn {
+    let child = cmd.spawn().map_err(|source| JailError::Spawn {
         program: jailer.to_owned(),
         source,
-    })
+    });
+    // The child has its copies now (or failed): ours close here.
+    drop(fds);
+    child
 }
 
 #[cfg(test)]
@@ -97,5 +119,18 @@ mod tests {
         assert!(joined.contains("--cgroup-procs /sys/fs/cgroup/moat/0/cgroup.procs"));
         assert!(joined.contains("--dev null --dev urandom"));
         assert!(joined.ends_with("-- /usr/bin/qemu"), "{joined}");
+        assert!(!joined.contains("-fd"), "{joined}");
+        let mut s = spec();
+        s.keeps_tap = true;
+        s.volume_binds = vec![("/vol/0".into(), false), ("/vol/1".into(), true)];
+        let joined = args(&plan(), &s)
+            .into_iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            joined.contains("--keep-fd 3 --bind-fd 4:/vol/0:ro --bind-fd 5:/vol/1:rw --"),
+            "{joined}"
+        );
     }
 }

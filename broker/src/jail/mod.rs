@@ -11,8 +11,10 @@
 
 mod jailer;
 mod layout;
+mod passed_fds;
 mod unjailed;
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 use tokio::process::Child;
@@ -67,6 +69,11 @@ pub struct JailSpec {
     pub rlimit_nofile: u64,
     pub rlimit_fsize: u64,
     pub rlimit_nproc: u64,
+    /// Whether the first passed fd is a tap the VMM keeps (fd 3).
+    pub keeps_tap: bool,
+    /// Volume directories, passed as fds after the tap, bound at these
+    /// paths inside the jail (writable or not).
+    pub volume_binds: Vec<(PathBuf, bool)>,
 }
 
 impl JailSpec {
@@ -87,15 +94,34 @@ impl JailSpec {
         }
         Ok(())
     }
+
+    /// How many fds the VM process is given (at 3, 4, ...).
+    pub fn passed_fd_count(&self) -> usize {
+        usize::from(self.keeps_tap) + self.volume_binds.len()
+    }
 }
 
-/// Spawns `plan` under `spec`. Must be called from an async task (a runtime
-/// worker thread): the parent-death signal follows the thread that forked.
-pub fn spawn(plan: &LaunchPlan, spec: &JailSpec, mode: &JailMode) -> Result<Child, JailError> {
+/// Spawns `plan` under `spec`, handing it `fds` (the tap first, then the
+/// volume directories, as `spec` describes) at 3, 4, ... Must be called from
+/// an async task (a runtime worker thread): the parent-death signal follows
+/// the thread that forked.
+pub fn spawn(
+    plan: &LaunchPlan,
+    spec: &JailSpec,
+    mode: &JailMode,
+    fds: Vec<OwnedFd>,
+) -> Result<Child, JailError> {
     spec.validate(plan)?;
+    if fds.len() != spec.passed_fd_count() {
+        return Err(JailError::Invalid(format!(
+            "{} fds given for {} passed fds",
+            fds.len(),
+            spec.passed_fd_count()
+        )));
+    }
     match mode {
-        JailMode::Jailer(jailer) => jailer::spawn(jailer, plan, spec),
-        JailMode::Unjailed => unjailed::spawn(plan, spec),
+        JailMode::Jailer(jailer) => jailer::spawn(jailer, plan, spec, fds),
+        JailMode::Unjailed => unjailed::spawn(plan, spec, fds),
     }
 }
 
@@ -129,6 +155,8 @@ mod tests {
             rlimit_nofile: 1024,
             rlimit_fsize: 1 << 30,
             rlimit_nproc: 256,
+            keeps_tap: false,
+            volume_binds: Vec::new(),
         }
     }
 

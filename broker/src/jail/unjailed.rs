@@ -5,7 +5,7 @@
 //! only async-signal-safe raw syscalls are allowed.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::process::Stdio;
 
 use tokio::process::{Child, Command};
@@ -13,7 +13,8 @@ use tokio::process::{Child, Command};
 use super::{JailError, JailSpec};
 use crate::vmm::LaunchPlan;
 
-pub fn spawn(plan: &LaunchPlan, spec: &JailSpec) -> Result<Child, JailError> {
+pub fn spawn(plan: &LaunchPlan, spec: &JailSpec, passed: Vec<OwnedFd>) -> Result<Child, JailError> {
+    let placement = super::passed_fds::Placement::new(&passed);
     let procs: Vec<File> = spec
         .cgroup_procs
         .iter()
@@ -44,13 +45,17 @@ pub fn spawn(plan: &LaunchPlan, spec: &JailSpec) -> Result<Child, JailError> {
     // allocation, no locks). `fds` stay open in the parent until `spawn`
     // returns, so they are valid in the child.
     unsafe {
-        cmd.pre_exec(move || child_steps(&fds, uid, gid, &groups));
+        cmd.pre_exec(move || {
+            child_steps(&fds, uid, gid, &groups)?;
+            placement.place()
+        });
     }
     let child = cmd.spawn().map_err(|source| JailError::Spawn {
         program: plan.program.clone(),
         source,
     })?;
     drop(procs);
+    drop(passed);
     Ok(child)
 }
 

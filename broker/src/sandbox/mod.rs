@@ -80,6 +80,9 @@ struct Entry {
 pub struct Sandboxes {
     ctx: Arc<LaunchContext>,
     entries: Mutex<HashMap<SandboxKey, Arc<AsyncMutex<Entry>>>>,
+    /// Each definition's `depends_on`, readable without the entry locks
+    /// (for ordering and cycle checks).
+    dependencies: Mutex<HashMap<SandboxKey, Vec<String>>>,
     shutting_down: AtomicBool,
 }
 
@@ -88,6 +91,7 @@ impl Sandboxes {
         Self {
             ctx: Arc::new(ctx),
             entries: Mutex::new(HashMap::new()),
+            dependencies: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
         }
     }
@@ -120,7 +124,8 @@ impl Sandboxes {
         (limit - self.ctx.running.available_permits().min(limit)) as u32
     }
 
-    /// Defines (when `config` is set) and starts a sandbox. Returns false
+    /// Defines (when `config` is set) and starts a sandbox, after the
+    /// sandboxes it depends on (each ready before the next). Returns false
     /// when it was already running with the same definition.
     pub async fn start(
         &self,
@@ -130,12 +135,120 @@ impl Sandboxes {
         self.check_open()?;
         let cfg = &self.ctx.config;
         let wanted = match config {
-            Some(c) => Some(
-                SandboxSpec::from_config(c, &key.namespace, &cfg.limits, &cfg.images, &cfg.volumes)
+            Some(c) => {
+                if c.volumes.iter().any(|v| !v.starts_with('/')) {
+                    crate::volumes::prepare_namespace_dir(&cfg.volumes, &key.namespace, &c.volumes)
+                        .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+                }
+                Some(
+                    SandboxSpec::from_config(
+                        c,
+                        &key.namespace,
+                        spec::SpecLimits {
+                            limits: &cfg.limits,
+                            images: &cfg.images,
+                            volumes: &cfg.volumes,
+                            network: &cfg.network,
+                        },
+                    )
                     .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?,
-            ),
+                )
+            }
             None => None,
         };
+        let deps = match &wanted {
+            Some(w) => w.depends_on.clone(),
+            None => self
+                .stored_dependencies(key)
+                .ok_or_else(|| not_defined(key))?,
+        };
+        for dep in self.dependency_order(key, &deps)? {
+            self.start_one(&dep, None).await.map_err(|e| {
+                let why = format!(
+                    "dependency {} of sandbox {} failed to start: {e}",
+                    dep.name, key.name
+                );
+                match e {
+                    BrokerError::InvalidArgument(_) => BrokerError::InvalidArgument(why),
+                    BrokerError::NotFound(_) => BrokerError::InvalidArgument(why),
+                    BrokerError::Busy(_) => BrokerError::Busy(why),
+                    _ => BrokerError::Failed(why),
+                }
+            })?;
+        }
+        self.start_one(key, wanted).await
+    }
+
+    fn stored_dependencies(&self, key: &SandboxKey) -> Option<Vec<String>> {
+        let deps = self.dependencies.lock().unwrap_or_else(|p| p.into_inner());
+        deps.get(key).cloned()
+    }
+
+    /// The sandboxes to start before `key` (whose dependencies are `deps`),
+    /// dependencies first. Unknown names and cycles are the caller's error.
+    fn dependency_order(
+        &self,
+        key: &SandboxKey,
+        deps: &[String],
+    ) -> Result<Vec<SandboxKey>, BrokerError> {
+        let stored = self.dependencies.lock().unwrap_or_else(|p| p.into_inner());
+        let edges = |k: &SandboxKey| -> Option<Vec<String>> {
+            if k == key {
+                Some(deps.to_vec())
+            } else {
+                stored.get(k).cloned()
+            }
+        };
+        let mut order = Vec::new();
+        let mut done = std::collections::HashSet::new();
+        // Depth-first, iteratively: (node, its dependencies, next index).
+        let mut path: Vec<(SandboxKey, Vec<String>, usize)> = vec![(key.clone(), deps.to_vec(), 0)];
+        while let Some((node, node_deps, next)) = path.last_mut() {
+            if let Some(name) = node_deps.get(*next).cloned() {
+                *next += 1;
+                let dep = SandboxKey {
+                    namespace: key.namespace.clone(),
+                    name,
+                };
+                if done.contains(&dep) {
+                    continue;
+                }
+                if let Some(at) = path.iter().position(|(k, _, _)| *k == dep) {
+                    let cycle: Vec<&str> = path[at..]
+                        .iter()
+                        .map(|(k, _, _)| k.name.as_str())
+                        .chain(std::iter::once(dep.name.as_str()))
+                        .collect();
+                    return Err(BrokerError::InvalidArgument(format!(
+                        "depends_on forms a cycle ({}); remove one of these dependencies",
+                        cycle.join(" -> ")
+                    )));
+                }
+                let Some(next_deps) = edges(&dep) else {
+                    return Err(BrokerError::InvalidArgument(format!(
+                        "depends_on names {}, which is not defined in namespace {}; start it with a config first",
+                        dep.name, dep.namespace
+                    )));
+                };
+                path.push((dep, next_deps, 0));
+            } else {
+                let finished = node.clone();
+                path.pop();
+                if finished != *key {
+                    done.insert(finished.clone());
+                    order.push(finished);
+                }
+            }
+        }
+        Ok(order)
+    }
+
+    /// Starts one sandbox (no dependencies).
+    async fn start_one(
+        &self,
+        key: &SandboxKey,
+        wanted: Option<SandboxSpec>,
+    ) -> Result<bool, BrokerError> {
         let entry = match (&wanted, self.existing(key)) {
             (None, None) => return Err(not_defined(key)),
             (_, Some(e)) => e,
@@ -152,10 +265,22 @@ impl Sandboxes {
             };
         }
         if let Some(w) = wanted {
+            self.dependencies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone(), w.depends_on.clone());
             e.definition = Some(w);
         }
         let spec = e.definition.clone().ok_or_else(|| not_defined(key))?;
         let vm = vm::launch(&self.ctx, &key.namespace, &key.name, spec).await?;
+        tracing::info!(
+            sandbox = %key,
+            scope = %vm.spec.scope,
+            ports = ?vm.spec.ports.iter().map(|p| format!("{}:{}", p.host, p.container)).collect::<Vec<_>>(),
+            volumes = ?vm.spec.volume_strings,
+            depends_on = ?vm.spec.depends_on,
+            "sandbox started"
+        );
         e.vm = Some(vm);
         Ok(true)
     }
@@ -239,22 +364,36 @@ impl Sandboxes {
             if e.definition.is_none() && e.vm.is_none() {
                 continue;
             }
-            let m = match &e.vm {
-                Some(vm) => SandboxMetrics {
-                    namespace: key.namespace.clone(),
-                    name: key.name.clone(),
+            let defined = |spec: &SandboxSpec| SandboxMetrics {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                scope: spec.scope.to_string(),
+                ports: spec
+                    .ports
+                    .iter()
+                    .map(|p| format!("{}:{}", p.host, p.container))
+                    .collect(),
+                volumes: spec.volume_strings.clone(),
+                ..Default::default()
+            };
+            let m = match (&e.vm, &e.definition) {
+                (Some(vm), _) => SandboxMetrics {
                     running: vm.is_alive(),
                     cpu_usage: vm.cpu_percent(),
                     memory_usage_mib: vm
                         .cgroup_memory_bytes()
                         .map(|b| b as f64 / (1024.0 * 1024.0)),
                     disk_usage_bytes: vm.disk_usage_bytes(),
+                    started_at_ms: vm
+                        .started_at
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .ok()
+                        .map(|d| d.as_millis() as u64),
+                    address: vm.guest_address(),
+                    ..defined(&vm.spec)
                 },
-                None => SandboxMetrics {
-                    namespace: key.namespace.clone(),
-                    name: key.name.clone(),
-                    ..Default::default()
-                },
+                (None, Some(def)) => defined(def),
+                (None, None) => continue,
             };
             out.push(m);
         }
@@ -282,6 +421,7 @@ impl Sandboxes {
             }
         });
         futures_join_all(stops).await;
+        self.ctx.network.shutdown();
     }
 }
 

@@ -7,9 +7,11 @@ use std::path::PathBuf;
 
 use moat_proto::broker::SandboxConfig;
 
-use crate::config::{ImagesConfig, Limits, VolumesConfig};
+use crate::config::{ImagesConfig, Limits, NetworkConfig, VolumesConfig};
 use crate::images::Reference;
-use crate::volumes::{parse_volume, resolve_volume};
+use crate::network::firewall::Scope;
+use crate::network::PortMapping;
+use crate::volumes::{parse_volume, resolve_volume, VolumeRequest};
 
 /// Most `envs` entries.
 pub const MAX_ENVS: usize = 256;
@@ -36,6 +38,24 @@ pub struct SandboxSpec {
     /// Who everything runs as in the guest (the image's `User`; root when
     /// None). Never set by the caller.
     pub user: Option<String>,
+    /// Host directories shared into the guest, checked lexically (resolved
+    /// again, to fds, at every launch).
+    pub volumes: Vec<VolumeRequest>,
+    /// As the caller wrote them (for metrics).
+    pub volume_strings: Vec<String>,
+    pub scope: Scope,
+    pub ports: Vec<PortMapping>,
+    /// Sandboxes of the same namespace started before this one.
+    pub depends_on: Vec<String>,
+}
+
+/// What `from_config` checks against: the operator's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SpecLimits<'a> {
+    pub limits: &'a Limits,
+    pub images: &'a ImagesConfig,
+    pub volumes: &'a VolumesConfig,
+    pub network: &'a NetworkConfig,
 }
 
 /// Where a sandbox's root image comes from.
@@ -60,10 +80,14 @@ impl SandboxSpec {
     pub fn from_config(
         c: &SandboxConfig,
         namespace: &str,
-        limits: &Limits,
-        images: &ImagesConfig,
-        volumes: &VolumesConfig,
+        checks: SpecLimits<'_>,
     ) -> Result<Self, SpecError> {
+        let SpecLimits {
+            limits,
+            images,
+            volumes,
+            network,
+        } = checks;
         let image_name = c.image.clone().unwrap_or_else(|| images.default.clone());
         let image = match images.local.get(&image_name) {
             Some(disk) => ImageSource::Local(disk.clone()),
@@ -85,13 +109,10 @@ impl SandboxSpec {
                 limits.max_cpus
             ));
         }
-        check_volumes(&c.volumes, namespace, volumes)?;
-        if !c.ports.is_empty() {
-            return refuse("ports need guest networking, which this moat build does not provide yet; remove config.ports".into());
-        }
-        if !c.depends_on.is_empty() {
-            return refuse("depends_on is not supported by this moat build yet; start the other sandboxes first and remove config.depends_on".into());
-        }
+        let parsed_volumes = check_volumes(&c.volumes, namespace, volumes)?;
+        let scope = check_scope(c.scope.as_deref(), network)?;
+        let ports = check_ports(&c.ports, network)?;
+        let depends_on = check_depends_on(&c.depends_on)?;
         if c.scripts.len() > limits.max_scripts as usize {
             return refuse(format!(
                 "{} scripts given; the limit is {}",
@@ -160,21 +181,107 @@ impl SandboxSpec {
                 .collect(),
             exec: c.exec.clone(),
             user: None,
+            volumes: parsed_volumes,
+            volume_strings: c.volumes.clone(),
+            scope,
+            ports,
+            depends_on,
         })
     }
+
+    /// Whether the sandbox gets a NIC: a scope wider than `none`, or ports
+    /// to carry.
+    pub fn has_nic(&self) -> bool {
+        self.scope > Scope::None || !self.ports.is_empty()
+    }
+}
+
+fn check_scope(asked: Option<&str>, cfg: &NetworkConfig) -> Result<Scope, SpecError> {
+    let max = cfg.max_scope();
+    let scope = match asked {
+        None => cfg.default_scope(),
+        Some(s) => s.parse::<Scope>().map_err(|_| {
+            SpecError(format!(
+                "scope {s:?} is not one of \"none\", \"group\", \"public\", \"any\""
+            ))
+        })?,
+    };
+    if scope > max {
+        return refuse(format!(
+            "scope {scope} is wider than this server allows (at most {max}); ask for {max} or narrower"
+        ));
+    }
+    Ok(scope)
+}
+
+/// `host:container` port pairs: numbers, host ports in the operator's
+/// range, no host port twice.
+fn check_ports(requested: &[String], cfg: &NetworkConfig) -> Result<Vec<PortMapping>, SpecError> {
+    if requested.len() > cfg.max_ports as usize {
+        return refuse(format!(
+            "{} ports given; this server allows {} per sandbox",
+            requested.len(),
+            cfg.max_ports
+        ));
+    }
+    let mut out: Vec<PortMapping> = Vec::with_capacity(requested.len());
+    for p in requested {
+        let bad = || {
+            SpecError(format!(
+                "port {p:?}: use host:container with two port numbers 1-65535, e.g. \"8080:8000\""
+            ))
+        };
+        let (h, c) = p.split_once(':').ok_or_else(bad)?;
+        let number = |s: &str| {
+            (!s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| s.parse::<u16>().ok())
+                .flatten()
+                .filter(|n| *n > 0)
+        };
+        let (host, container) = (number(h).ok_or_else(bad)?, number(c).ok_or_else(bad)?);
+        if host < cfg.port_min || host > cfg.port_max {
+            return refuse(format!(
+                "port {p:?}: host port {host} is outside the range this server allows ({}-{}); choose a host port in it",
+                cfg.port_min, cfg.port_max
+            ));
+        }
+        if out.iter().any(|m| m.host == host) {
+            return refuse(format!("port {p:?}: host port {host} is given twice"));
+        }
+        out.push(PortMapping { host, container });
+    }
+    Ok(out)
+}
+
+/// Names of sandboxes in the same namespace; each a valid name, no repeats.
+fn check_depends_on(names: &[String]) -> Result<Vec<String>, SpecError> {
+    const MAX_DEPENDENCIES: usize = 32;
+    if names.len() > MAX_DEPENDENCIES {
+        return refuse(format!(
+            "{} dependencies given; the limit is {MAX_DEPENDENCIES}",
+            names.len()
+        ));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for n in names {
+        moat_proto::names::validate_name("depends_on entry", n)
+            .map_err(|e| SpecError(e.to_string()))?;
+        if !out.contains(n) {
+            out.push(n.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// Every volume is parsed and its host directory resolved beneath its root
 /// (see `crate::volumes`), so a bad one is refused with its own reason.
-/// Mounting them needs the shared-directory device, which this build does
-/// not have yet: valid volumes are refused after that, saying so.
 fn check_volumes(
     requested: &[String],
     namespace: &str,
     cfg: &VolumesConfig,
-) -> Result<(), SpecError> {
+) -> Result<Vec<VolumeRequest>, SpecError> {
     if requested.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     if requested.len() > cfg.max_volumes as usize {
         return refuse(format!(
@@ -184,6 +291,7 @@ fn check_volumes(
         ));
     }
     let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::with_capacity(requested.len());
     for v in requested {
         let req = parse_volume(v).map_err(|e| SpecError(e.to_string()))?;
         if !seen.insert(req.container.clone()) {
@@ -193,11 +301,9 @@ fn check_volumes(
             ));
         }
         resolve_volume(v, &req, namespace, cfg).map_err(|e| SpecError(e.to_string()))?;
+        out.push(req);
     }
-    refuse(
-        "the volumes are valid, but mounting volumes is not supported by this moat build yet; remove config.volumes"
-            .into(),
-    )
+    Ok(out)
 }
 
 /// A script name becomes a file name in the guest: `[A-Za-z0-9._-]`, at
@@ -262,14 +368,25 @@ mod tests {
         i
     }
 
-    fn spec(c: SandboxConfig) -> Result<SandboxSpec, SpecError> {
+    fn spec_with(
+        c: SandboxConfig,
+        volumes: &VolumesConfig,
+        network: &NetworkConfig,
+    ) -> Result<SandboxSpec, SpecError> {
         SandboxSpec::from_config(
             &c,
             "default",
-            &Limits::default(),
-            &images(),
-            &VolumesConfig::default(),
+            SpecLimits {
+                limits: &Limits::default(),
+                images: &images(),
+                volumes,
+                network,
+            },
         )
+    }
+
+    fn spec(c: SandboxConfig) -> Result<SandboxSpec, SpecError> {
+        spec_with(c, &VolumesConfig::default(), &NetworkConfig::default())
     }
 
     #[test]
@@ -327,48 +444,122 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_fields_are_refused_with_the_field_name() {
+    fn scope_defaults_and_is_capped_by_the_operator() {
+        let s = spec(SandboxConfig::default()).unwrap();
+        assert_eq!(s.scope, Scope::None);
+        assert!(!s.has_nic());
+        let s = spec(SandboxConfig {
+            scope: Some("group".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.scope, Scope::Group);
+        assert!(s.has_nic());
         let e = spec(SandboxConfig {
-            ports: vec!["8080:80".into()],
+            scope: Some("any".into()),
             ..Default::default()
         })
         .unwrap_err();
-        assert!(e.0.contains("ports"), "{e}");
+        assert!(e.0.contains("at most public"), "{e}");
         let e = spec(SandboxConfig {
-            volumes: vec!["a:/b".into()],
+            scope: Some("world".into()),
             ..Default::default()
         })
         .unwrap_err();
-        assert!(e.0.contains("volume"), "{e}");
+        assert!(e.0.contains("\"world\""), "{e}");
     }
 
     #[test]
-    fn volumes_are_resolved_then_refused_until_mounting_exists() {
+    fn ports_are_pairs_in_the_operator_range() {
+        let s = spec(SandboxConfig {
+            ports: vec!["8080:8000".into(), "9000:9000".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            s.ports,
+            vec![
+                PortMapping {
+                    host: 8080,
+                    container: 8000
+                },
+                PortMapping {
+                    host: 9000,
+                    container: 9000
+                }
+            ]
+        );
+        assert!(s.has_nic(), "ports need a NIC even with scope none");
+        for (p, why) in [
+            ("8080", "host:container"),
+            ("a:b", "host:container"),
+            ("0:80", "host:container"),
+            ("70000:80", "host:container"),
+            ("+80:80", "host:container"),
+            ("80:80", "outside the range"),
+        ] {
+            let e = spec(SandboxConfig {
+                ports: vec![p.into()],
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert!(e.0.contains(why), "{p}: {e}");
+        }
+        let e = spec(SandboxConfig {
+            ports: vec!["8080:1".into(), "8080:2".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.0.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn depends_on_names_are_checked_and_deduplicated() {
+        let s = spec(SandboxConfig {
+            depends_on: vec!["db".into(), "cache".into(), "db".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.depends_on, vec!["db".to_string(), "cache".to_string()]);
+        assert!(spec(SandboxConfig {
+            depends_on: vec!["../x".into()],
+            ..Default::default()
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn volumes_are_resolved_and_checked() {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(tmp.path().join("default/data")).unwrap();
         let cfg = VolumesConfig {
             dir: tmp.path().to_owned(),
-            allowed_roots: Vec::new(),
             max_volumes: 2,
+            ..Default::default()
         };
         let with = |volumes: &[&str]| {
-            SandboxSpec::from_config(
-                &SandboxConfig {
+            spec_with(
+                SandboxConfig {
                     volumes: volumes.iter().map(|v| v.to_string()).collect(),
                     ..Default::default()
                 },
-                "default",
-                &Limits::default(),
-                &images(),
                 &cfg,
+                &NetworkConfig::default(),
             )
+        };
+        let s = with(&["data:/d:ro"]).unwrap();
+        assert_eq!(s.volumes.len(), 1);
+        assert!(s.volumes[0].read_only);
+        assert_eq!(s.volume_strings, vec!["data:/d:ro".to_string()]);
+        assert!(with(&["../x:/d"]).unwrap_err().0.contains("'..'"));
+        assert!(with(&["data:/d", "data:/d:ro"])
             .unwrap_err()
             .0
-        };
-        assert!(with(&["data:/d"]).contains("not supported by this moat build yet"));
-        assert!(with(&["../x:/d"]).contains("'..'"));
-        assert!(with(&["data:/d", "data:/d:ro"]).contains("two volumes"));
-        assert!(with(&["data:/a", "data:/b", "data:/c"]).contains("limit is 2"));
+            .contains("two volumes"));
+        assert!(with(&["data:/a", "data:/b", "data:/c"])
+            .unwrap_err()
+            .0
+            .contains("limit is 2"));
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub struct LaunchContext {
     pub initramfs: PathBuf,
     pub jail_mode: JailMode,
     pub images: Arc<crate::images::Images>,
+    pub network: Arc<crate::network::Networking>,
 }
 
 impl LaunchContext {
@@ -70,6 +71,8 @@ pub struct RunningVm {
     pub agent: AgentClient,
     pub exit: ExitWatch,
     pub pid: Option<u32>,
+    /// When the agent answered.
+    pub started_at: std::time::SystemTime,
     /// Permits for calls in flight (`limits.max_calls_per_sandbox`).
     calls: Arc<Semaphore>,
     repl_sessions: super::exec::ReplSessions,
@@ -95,6 +98,7 @@ struct VmResources {
     slot: Slot,
     dir: PathBuf,
     cgroup: Option<Cgroup>,
+    network: Option<crate::network::SandboxNetwork>,
     _permit: OwnedSemaphorePermit,
     _namespace_permit: NamespacePermit,
 }
@@ -102,8 +106,11 @@ struct VmResources {
 impl VmResources {
     /// Kills whatever is left in the cgroup, removes it, the VM directory
     /// (disk, sockets) and frees the slot.
-    async fn release(self, ctx: &LaunchContext) -> Result<(), BrokerError> {
+    async fn release(mut self, ctx: &LaunchContext) -> Result<(), BrokerError> {
         let mut problems = Vec::new();
+        if let Some(net) = self.network.take() {
+            net.detach(&ctx.network).await;
+        }
         if let Some(cg) = self.cgroup {
             match tokio::task::spawn_blocking(move || cg.remove()).await {
                 Ok(Ok(())) => {}
@@ -221,12 +228,33 @@ pub async fn launch(
         slot,
         dir,
         cgroup: None,
+        network: None,
         _permit: permit,
         _namespace_permit: namespace_permit,
     };
-    match boot(ctx, hostname, &image, &mut res).await {
+    let booted = async {
+        let volumes = open_volumes(ctx, namespace, &spec)?;
+        if spec.has_nic() {
+            let net = ctx
+                .network
+                .attach(namespace, hostname, slot.index, spec.scope, &spec.ports)
+                .await
+                .map_err(|e| {
+                    if e.is_caller_error() {
+                        BrokerError::InvalidArgument(e.to_string())
+                    } else {
+                        BrokerError::Failed(format!("cannot set up the sandbox's network: {e}"))
+                    }
+                })?;
+            res.network = Some(net);
+        }
+        boot(ctx, hostname, &image, &mut res, volumes).await
+    }
+    .await;
+    match booted {
         Ok(parts) => Ok(RunningVm {
             cpu_percent: spawn_cpu_sampler(res.cgroup.clone(), parts.exit.clone()),
+            started_at: std::time::SystemTime::now(),
             spec,
             effective: image.effective,
             agent: parts.agent,
@@ -251,23 +279,48 @@ struct Booted {
     pid: Option<u32>,
 }
 
+/// Opens every volume's host directory beneath its root (again: the
+/// definition was checked at start, but the tree may have changed since).
+fn open_volumes(
+    ctx: &LaunchContext,
+    namespace: &str,
+    spec: &SandboxSpec,
+) -> Result<Vec<crate::volumes::ResolvedVolume>, BrokerError> {
+    spec.volumes
+        .iter()
+        .zip(&spec.volume_strings)
+        .map(|(req, original)| {
+            crate::volumes::resolve_volume(original, req, namespace, &ctx.config.volumes)
+                .map_err(|e| BrokerError::InvalidArgument(e.to_string()))
+        })
+        .collect()
+}
+
 async fn boot(
     ctx: &LaunchContext,
     hostname: &str,
     image: &super::image::PreparedImage,
     res: &mut VmResources,
+    volumes: Vec<crate::volumes::ResolvedVolume>,
 ) -> Result<Booted, BrokerError> {
     let spec = &image.effective;
     let cfg = &ctx.config;
     let limits = &cfg.limits;
     let fail = |what: &str, e: &dyn std::fmt::Display| BrokerError::Failed(format!("{what}: {e}"));
-    let uid = res.slot.uid;
+    // A sandbox with volumes runs as the volume owner, so what it writes is
+    // the operator's configured uid's on the host (and readable by the next
+    // sandbox mounting it); every other one as its slot's own uid.
+    let (uid, gid) = if volumes.is_empty() {
+        (res.slot.uid, res.slot.uid)
+    } else {
+        (cfg.volumes.owner_uid, cfg.volumes.owner_gid)
+    };
 
     // A leftover directory of this slot (crash) is removed first.
     let _ = tokio::fs::remove_dir_all(&res.dir).await;
-    make_private_dir(&res.dir, uid).map_err(|e| fail("cannot create the VM directory", &e))?;
+    make_private_dir(&res.dir, uid, gid).map_err(|e| fail("cannot create the VM directory", &e))?;
     let writable = res.dir.join("rw.ext4");
-    create_writable_disk(&writable, limits.writable_disk_mib, uid, uid)
+    create_writable_disk(&writable, limits.writable_disk_mib, uid, gid)
         .await
         .map_err(|e| fail("cannot create the writable disk", &e))?;
 
@@ -297,7 +350,44 @@ async fn boot(
     let agent_socket = layout.host_vm_file("agent.sock");
     let root = ctx.jails_dir().join(res.slot.index.to_string());
     let _ = tokio::fs::remove_dir(&root).await;
-    make_private_dir(&root, 0).map_err(|e| fail("cannot create the jail root", &e))?;
+    make_private_dir(&root, 0, 0).map_err(|e| fail("cannot create the jail root", &e))?;
+    let mut fds: Vec<std::os::fd::OwnedFd> = Vec::new();
+    let nic = match res.network.as_mut() {
+        Some(net) => {
+            let tap = net
+                .take_tap()
+                .ok_or_else(|| BrokerError::Failed("the sandbox's tap is gone".into()))?;
+            fds.push(tap);
+            Some(crate::vmm::VmNic {
+                tap_fd: 3,
+                mac: net.nic.mac.clone(),
+            })
+        }
+        None => None,
+    };
+    let keeps_tap = nic.is_some();
+    // Every volume is bound at /vol/<i> inside the jail (read-only binds
+    // for `:ro`, enforced by the host kernel) and /vol is one 9p share: one
+    // device however many volumes.
+    let mut shares = Vec::new();
+    let mut volume_binds = Vec::new();
+    if !volumes.is_empty() {
+        if ctx.jail_mode == JailMode::Unjailed {
+            return Err(BrokerError::InvalidArgument(
+                "volumes need the jail, and this server runs development_unjailed; remove config.volumes".into(),
+            ));
+        }
+        shares.push(crate::vmm::VmShare {
+            path: PathBuf::from(VOLUMES_INSIDE),
+            tag: VOLUMES_TAG.into(),
+            read_only: false,
+        });
+    }
+    for (i, v) in volumes.into_iter().enumerate() {
+        volume_binds.push((PathBuf::from(format!("{VOLUMES_INSIDE}/{i}")), !v.read_only));
+        tracing::info!(sandbox = hostname, host = %v.host.display(), container = %v.container, read_only = v.read_only, "volume");
+        fds.push(v.dir);
+    }
     let vm_spec = VmSpec {
         kernel: layout.kernel.inside.clone(),
         initramfs: layout.initramfs.inside.clone(),
@@ -309,11 +399,13 @@ async fn boot(
         hostname: hostname.to_string(),
         test_hooks: cfg.testing.agent_hooks,
         disk_io: limits.disk_io(),
+        nic,
+        shares,
     };
     let plan = ctx.vmm.launch_plan(&vm_spec);
     let jail = JailSpec {
         uid,
-        gid: uid,
+        gid,
         extra_groups: ctx.vmm.extra_groups(),
         cgroup_procs: procs,
         dir: res.dir.clone(),
@@ -323,11 +415,20 @@ async fn boot(
         hostname: format!("moat-vm-{}", res.slot.index),
         rlimit_nofile: 1024,
         rlimit_fsize: u64::from(limits.writable_disk_mib) << 20,
-        rlimit_nproc: u64::from(limits.vmm_pids_max),
+        // RLIMIT_NPROC counts every process of the uid: the volume owner's
+        // is shared by all sandboxes with volumes.
+        rlimit_nproc: u64::from(limits.vmm_pids_max)
+            * if uid != res.slot.uid {
+                u64::from(limits.max_sandboxes)
+            } else {
+                1
+            },
+        keeps_tap,
+        volume_binds,
     };
     let started = Instant::now();
-    let mut child =
-        jail::spawn(&plan, &jail, &ctx.jail_mode).map_err(|e| fail("cannot start the VM", &e))?;
+    let mut child = jail::spawn(&plan, &jail, &ctx.jail_mode, fds)
+        .map_err(|e| fail("cannot start the VM", &e))?;
     let pid = child.id();
     let console = ConsoleLog::new(CONSOLE_BYTES);
     if let Some(out) = child.stdout.take() {
@@ -372,7 +473,16 @@ async fn boot(
             let remaining = deadline
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_secs(5));
-            match setup(&agent, spec, limits.background_log_bytes, remaining).await {
+            let network = res.network.as_ref().map(|net| guest_network(ctx, net));
+            match setup(
+                &agent,
+                spec,
+                limits.background_log_bytes,
+                remaining,
+                network,
+            )
+            .await
+            {
                 Ok(()) => Ok((agent, hello)),
                 Err(e) => Err(format!("sandbox setup (scripts, exec) failed: {e}")),
             }
@@ -420,8 +530,13 @@ async fn setup(
     spec: &SandboxSpec,
     log_max_bytes: u64,
     wait: Duration,
+    network: Option<moat_proto::agent::Network>,
 ) -> Result<(), String> {
-    if spec.scripts.is_empty() && spec.exec.is_none() {
+    if spec.scripts.is_empty()
+        && spec.exec.is_none()
+        && spec.volumes.is_empty()
+        && network.is_none()
+    {
         return Ok(());
     }
     let body = host_message::Body::Setup(Setup {
@@ -439,8 +554,18 @@ async fn setup(
         exec: spec.exec.clone().unwrap_or_default(),
         log_max_bytes,
         user: spec.user.clone().unwrap_or_default(),
-        mounts: Vec::new(),
-        network: None,
+        mounts: spec
+            .volumes
+            .iter()
+            .enumerate()
+            .map(|(i, v)| moat_proto::agent::Mount {
+                tag: VOLUMES_TAG.into(),
+                path: v.container.clone(),
+                read_only: v.read_only,
+                subdir: i.to_string(),
+            })
+            .collect(),
+        network,
     });
     match agent.call(body, wait).await {
         Ok(reply) => match reply.body {
@@ -454,8 +579,32 @@ async fn setup(
     }
 }
 
-/// Creates `dir` mode 0700 owned by `uid:uid` (and its parents as root 0711).
-fn make_private_dir(dir: &Path, uid: u32) -> std::io::Result<()> {
+/// The 9p share holding every volume, and where it is inside the jail.
+const VOLUMES_TAG: &str = "moatvol";
+const VOLUMES_INSIDE: &str = "/vol";
+
+/// What the guest agent configures on its NIC.
+fn guest_network(
+    ctx: &LaunchContext,
+    net: &crate::network::SandboxNetwork,
+) -> moat_proto::agent::Network {
+    use crate::network::firewall::Scope;
+    moat_proto::agent::Network {
+        mac: net.nic.mac.clone(),
+        address: net.nic.guest_addr.to_string(),
+        prefix_len: u32::from(net.nic.prefix_len),
+        // Scope none only answers its published ports: no route out.
+        gateway: if net.scope >= Scope::Group {
+            net.nic.host_addr.to_string()
+        } else {
+            String::new()
+        },
+        nameservers: ctx.network.nameservers(net),
+    }
+}
+
+/// Creates `dir` mode 0700 owned by `uid:gid` (and its parents as root 0711).
+fn make_private_dir(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     if let Some(parent) = dir.parent() {
         std::fs::DirBuilder::new()
@@ -465,7 +614,7 @@ fn make_private_dir(dir: &Path, uid: u32) -> std::io::Result<()> {
         std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711))?;
     }
     std::fs::DirBuilder::new().mode(0o700).create(dir)?;
-    std::os::unix::fs::chown(dir, Some(uid), Some(uid))
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid))
 }
 
 impl RunningVm {
@@ -513,6 +662,14 @@ impl RunningVm {
     pub fn disk_usage_bytes(&self) -> Option<u64> {
         let meta = std::fs::metadata(self.resources.dir.join("rw.ext4")).ok()?;
         Some(std::os::unix::fs::MetadataExt::blocks(&meta) * 512)
+    }
+
+    /// The guest's address on its NIC, when it has one.
+    pub fn guest_address(&self) -> Option<String> {
+        self.resources
+            .network
+            .as_ref()
+            .map(|n| n.nic.guest_addr.to_string())
     }
 
     /// Whether the VM process is still alive.

@@ -32,6 +32,28 @@ pub struct VmSpec {
     pub test_hooks: bool,
     /// Throttling the VMM applies to each guest disk.
     pub disk_io: crate::disk::DiskIo,
+    /// The NIC, backed by a tap the VM process holds as an fd.
+    pub nic: Option<VmNic>,
+    /// Host directories shared with the guest (9p on QEMU).
+    pub shares: Vec<VmShare>,
+}
+
+/// A virtio-net device on a tap fd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmNic {
+    /// The tap's fd number in the VM process.
+    pub tap_fd: usize,
+    pub mac: String,
+}
+
+/// A directory shared into the guest under `tag`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmShare {
+    /// The directory as the VM process sees it.
+    pub path: PathBuf,
+    /// The guest's mount tag (`moat0`, ...).
+    pub tag: String,
+    pub read_only: bool,
 }
 
 /// The VM process to spawn.

@@ -74,6 +74,16 @@ impl Vmm for Qemu {
             "-initrd",
             &path(&spec.initramfs),
         ]);
+        // microvm has 8 virtio-mmio transports on IRQs 5-12; IRQ 8 is the
+        // RTC's and cannot be shared, so transport 3 stays empty and each
+        // device names its transport.
+        let mut transports = TRANSPORTS.iter();
+        let mut bus = || {
+            transports
+                .next()
+                .map(|t| format!(",bus=virtio-mmio-bus.{t}"))
+                .unwrap_or_default()
+        };
         let throttle = throttling(&spec.disk_io);
         push(&[
             "-drive",
@@ -82,18 +92,18 @@ impl Vmm for Qemu {
                 path(&spec.image_disk)
             ),
             "-device",
-            "virtio-blk-device,drive=image,serial=moat-image",
+            &format!("virtio-blk-device,drive=image,serial=moat-image{}", bus()),
             "-drive",
             &format!(
                 "id=rw,file={},format=raw,if=none,discard=unmap{throttle}",
                 path(&spec.writable_disk)
             ),
             "-device",
-            "virtio-blk-device,drive=rw,serial=moat-rw",
+            &format!("virtio-blk-device,drive=rw,serial=moat-rw{}", bus()),
         ]);
         push(&[
             "-device",
-            "virtio-serial-device,max_ports=2",
+            &format!("virtio-serial-device,max_ports=2{}", bus()),
             "-chardev",
             &format!(
                 "socket,id=agent,path={},server=on,wait=off",
@@ -105,6 +115,34 @@ impl Vmm for Qemu {
                 moat_proto::agent::PORT_NAME
             ),
         ]);
+        if let Some(nic) = &spec.nic {
+            push(&[
+                "-netdev",
+                &format!("tap,id=net0,fd={}", nic.tap_fd),
+                "-device",
+                &format!("virtio-net-device,netdev=net0,mac={}{}", nic.mac, bus()),
+            ]);
+        }
+        // mapped-xattr: the guest's owners and modes live in xattrs; host
+        // files keep QEMU's uid and modes 0600/0700 (never setuid), and guest
+        // symlinks are plain files on the host. multidevs=remap: a share may
+        // span several host filesystems (one bind per volume).
+        for (i, share) in spec.shares.iter().enumerate() {
+            push(&[
+                "-fsdev",
+                &format!(
+                    "local,id=fs{i},path={},security_model=mapped-xattr,multidevs=remap{}",
+                    path(&share.path),
+                    if share.read_only { ",readonly=on" } else { "" }
+                ),
+                "-device",
+                &format!(
+                    "virtio-9p-device,fsdev=fs{i},mount_tag={}{}",
+                    share.tag,
+                    bus()
+                ),
+            ]);
+        }
         push(&[
             "-sandbox",
             "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
@@ -115,6 +153,10 @@ impl Vmm for Qemu {
         }
     }
 }
+
+/// The virtio-mmio transports devices go on, in order (3 = IRQ 8, the RTC's,
+/// is skipped): at most seven devices.
+const TRANSPORTS: [u8; 7] = [7, 6, 5, 4, 2, 1, 0];
 
 /// `-drive` options capping a disk's throughput and operation rate.
 fn throttling(io: &crate::disk::DiskIo) -> String {
@@ -151,6 +193,8 @@ mod tests {
                 read_iops: 0,
                 write_iops: 7,
             },
+            nic: None,
+            shares: Vec::new(),
         }
     }
 
@@ -174,7 +218,11 @@ mod tests {
             joined.contains("file=/img/a,,b.erofs,format=raw,if=none,readonly=on"),
             "{joined}"
         );
-        assert!(joined.contains("serial=moat-image") && joined.contains("serial=moat-rw"));
+        assert!(
+            joined.contains("serial=moat-image,bus=virtio-mmio-bus.7")
+                && joined.contains("serial=moat-rw,bus=virtio-mmio-bus.6"),
+            "{joined}"
+        );
         assert_eq!(
             joined
                 .matches(",throttling.bps-read=1000,throttling.iops-write=7 ")
@@ -190,6 +238,54 @@ mod tests {
             "{append}"
         );
         assert!(q.extra_groups().is_empty());
+    }
+
+    #[test]
+    fn nic_and_shares_become_devices() {
+        let q = Qemu {
+            binary: "/q".into(),
+            accel: Accel::Tcg,
+            reason: "t".into(),
+            kvm_gid: None,
+        };
+        let mut s = spec();
+        s.nic = Some(crate::vmm::VmNic {
+            tap_fd: 3,
+            mac: "52:54:00:6d:00:01".into(),
+        });
+        s.shares = vec![
+            crate::vmm::VmShare {
+                path: "/vol/0".into(),
+                tag: "moat0".into(),
+                read_only: true,
+            },
+            crate::vmm::VmShare {
+                path: "/vol/1".into(),
+                tag: "moat1".into(),
+                read_only: false,
+            },
+        ];
+        let joined = q
+            .launch_plan(&s)
+            .args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(joined.contains("-netdev tap,id=net0,fd=3 -device virtio-net-device,netdev=net0,mac=52:54:00:6d:00:01"), "{joined}");
+        assert!(joined.contains("-fsdev local,id=fs0,path=/vol/0,security_model=mapped-xattr,multidevs=remap,readonly=on -device virtio-9p-device,fsdev=fs0,mount_tag=moat0"), "{joined}");
+        assert!(
+            joined.contains("path=/vol/1,security_model=mapped-xattr,multidevs=remap -device"),
+            "{joined}"
+        );
+        assert!(
+            !joined.contains("virtio-mmio-bus.3"),
+            "IRQ 8 is the RTC's: {joined}"
+        );
+        assert!(
+            joined.contains("mac=52:54:00:6d:00:01,bus=virtio-mmio-bus.4"),
+            "{joined}"
+        );
     }
 
     #[test]

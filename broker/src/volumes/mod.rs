@@ -5,9 +5,11 @@
 //! namespace's own volume directory, absolute ones beneath a root the
 //! operator allows.
 
+mod namespace_dir;
 mod request;
 mod resolve;
 
+pub use namespace_dir::prepare_namespace_dir;
 pub use request::{parse_volume, VolumeRequest};
 pub use resolve::{resolve_volume, ResolvedVolume};
 

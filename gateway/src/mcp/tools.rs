@@ -122,7 +122,8 @@ fn input_schema(method: Method) -> Value {
                         "workdir": {"type": "string", "description": "Working directory"},
                         "shell": {"type": "string", "description": "Shell for scripts (default /bin/sh)"},
                         "scripts": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Named scripts"},
-                        "exec": {"type": "string", "description": "Command launched in the background at start"}
+                        "exec": {"type": "string", "description": "Command launched in the background at start"},
+                        "scope": {"type": "string", "enum": ["none", "group", "public", "any"], "description": "Network reach: none, group (same-namespace sandboxes by name), public (the internet, no private ranges), any; default and maximum set by the operator"}
                     }
                 }
             }),
@@ -214,7 +215,12 @@ fn output_schema(method: Method) -> Value {
                             "running": {"type": "boolean"},
                             "cpu_usage": {"type": ["number", "null"], "description": "Percent of one CPU"},
                             "memory_usage": {"type": ["number", "null"], "description": "MiB"},
-                            "disk_usage": {"type": ["integer", "null"], "description": "Bytes"}
+                            "disk_usage": {"type": ["integer", "null"], "description": "Bytes"},
+                            "scope": {"type": "string", "description": "Network scope"},
+                            "ports": {"type": "array", "items": {"type": "string"}, "description": "Published host:container ports"},
+                            "volumes": {"type": "array", "items": {"type": "string"}, "description": "host:container[:ro] volumes"},
+                            "address": {"type": ["string", "null"], "description": "Guest IPv4 address"},
+                            "started_at_ms": {"type": ["integer", "null"], "description": "When the running VM became ready (Unix ms)"}
                         },
                         "required": ["namespace", "name", "running", "cpu_usage", "memory_usage", "disk_usage"]
                     }

@@ -109,6 +109,8 @@ struct StartConfig {
     shell: Option<String>,
     scripts: Option<HashMap<String, String>>,
     exec: Option<String>,
+    /// moat extension: network scope ("none", "group", "public", "any").
+    scope: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -295,6 +297,7 @@ fn start_config(c: StartConfig) -> Result<SandboxConfig, String> {
         shell: c.shell,
         scripts: c.scripts.unwrap_or_default(),
         exec: c.exec,
+        scope: c.scope,
     })
 }
 
@@ -349,7 +352,7 @@ mod tests {
                 "config": {
                     "image": "microsandbox/python", "memory": 1024, "cpus": 2,
                     "volumes": ["data:/data:ro"], "ports": [], "envs": ["DEBUG=true", "EMPTY="],
-                    "depends_on": ["db"], "workdir": "/workspace", "shell": "/bin/bash",
+                    "depends_on": ["db"], "workdir": "/workspace", "shell": "/bin/bash", "scope": "group",
                     "scripts": {"start": "python app.py"}, "exec": null
                 }
             })),
@@ -369,6 +372,7 @@ mod tests {
         assert_eq!(config.cpus, Some(2));
         assert_eq!(config.envs, vec!["DEBUG=true", "EMPTY="]);
         assert_eq!(config.depends_on, vec!["db"]);
+        assert_eq!(config.scope.as_deref(), Some("group"));
         assert_eq!(
             config.scripts.get("start").map(String::as_str),
             Some("python app.py")

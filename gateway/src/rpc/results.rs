@@ -37,6 +37,11 @@ pub fn metrics(reply: GetMetricsReply) -> Value {
                 "cpu_usage": s.cpu_usage,
                 "memory_usage": s.memory_usage_mib,
                 "disk_usage": s.disk_usage_bytes,
+                "scope": s.scope,
+                "ports": s.ports,
+                "volumes": s.volumes,
+                "address": s.address,
+                "started_at_ms": s.started_at_ms,
             })
         })
         .collect();
@@ -215,6 +220,11 @@ mod tests {
                     cpu_usage: Some(15.5),
                     memory_usage_mib: Some(256.0),
                     disk_usage_bytes: Some(1_048_576),
+                    scope: "public".into(),
+                    ports: vec!["8080:8000".into()],
+                    volumes: vec!["data:/data".into()],
+                    started_at_ms: Some(1_700_000_000_000),
+                    address: Some("10.213.0.2".into()),
                 },
                 SandboxMetrics {
                     namespace: "a".into(),
@@ -223,6 +233,8 @@ mod tests {
                     cpu_usage: None,
                     memory_usage_mib: None,
                     disk_usage_bytes: None,
+                    scope: "none".into(),
+                    ..Default::default()
                 },
             ],
         };
@@ -230,9 +242,12 @@ mod tests {
             metrics(reply),
             json!({"sandboxes": [
                 {"namespace": "a", "name": "x", "running": true, "cpu_usage": 15.5,
-                 "memory_usage": 256.0, "disk_usage": 1_048_576},
+                 "memory_usage": 256.0, "disk_usage": 1_048_576, "scope": "public",
+                 "ports": ["8080:8000"], "volumes": ["data:/data"], "address": "10.213.0.2",
+                 "started_at_ms": 1_700_000_000_000u64},
                 {"namespace": "a", "name": "y", "running": false, "cpu_usage": null,
-                 "memory_usage": null, "disk_usage": null},
+                 "memory_usage": null, "disk_usage": null, "scope": "none", "ports": [],
+                 "volumes": [], "address": null, "started_at_ms": null},
             ]})
         );
         assert_eq!(

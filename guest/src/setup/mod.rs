@@ -1,12 +1,16 @@
-//! The `Setup` request: writes the sandbox config's scripts to
-//! `<root>/scripts/<name>` (mode 0755, a `#!<shell>` line added when they
-//! have none; via a temporary file and a rename), then launches `exec`
-//! (`<shell> -c <exec>`) or else the script named `start` in the background:
-//! its own session (setsid), stdin `/dev/null`, the request's env and
-//! workdir, stdout and stderr appended to `<root>/logs/background.log`
-//! through a pipe that [`log`] drains and bounds. The process is never
-//! killed by the agent; it lives as long as the VM. A waiter thread reaps it.
-//! In the VM `<root>` is [`ROOT`]; tests use a temporary directory.
+//! The `Setup` request, in this order: mounts the volumes ([`crate::mounts`]),
+//! configures the NIC ([`crate::netconf`]), writes the sandbox config's
+//! scripts to `<root>/scripts/<name>` (mode 0755, a `#!<shell>` line added
+//! when they have none; via a temporary file and a rename), then launches
+//! `exec` (`<shell> -c <exec>`) or else the script named `start` in the
+//! background: its own session (setsid), stdin `/dev/null`, the request's
+//! env and workdir, stdout and stderr appended to
+//! `<root>/logs/background.log` through a pipe that [`log`] drains and
+//! bounds. The process is never killed by the agent; it lives as long as
+//! the VM. A waiter thread reaps it. The whole request is checked before any
+//! step runs. In the VM `<root>` is [`ROOT`] and the mounts and NIC are
+//! real ([`Vm`]); tests use a temporary directory and a [`Machine`] that
+//! records those steps.
 
 mod log;
 #[cfg(test)]
@@ -21,11 +25,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
 
-use moat_proto::agent::{Setup, SetupResult};
+use moat_proto::agent::{Mount, Setup, SetupResult};
 
 use crate::error::{AgentError, Context, Result};
 use crate::exec::{parse_env, path_of, resolve, workdir_path};
 use crate::fd;
+use crate::user::Identity;
+use crate::{mounts, netconf};
 
 /// Where scripts and logs live in the VM.
 pub const ROOT: &str = "/.sandbox";
@@ -38,9 +44,31 @@ pub const START_SCRIPT: &str = "start";
 /// Most scripts per request.
 pub const MAX_SCRIPTS: usize = 256;
 
+/// The steps of a request that change the VM itself rather than files
+/// under `<root>`. They get checked input only.
+pub trait Machine {
+    /// Mounts the volumes, in order; writable ones are given to `owner`.
+    fn mount(&mut self, mounts: &[Mount], owner: Option<&Identity>) -> Result<()>;
+    /// Configures the sandbox's NIC.
+    fn network(&mut self, cfg: &netconf::Config) -> Result<()>;
+}
+
+/// The real [`Machine`]: 9p mounts under `/` and the NIC's ioctls.
+pub struct Vm;
+
+impl Machine for Vm {
+    fn mount(&mut self, mounts: &[Mount], owner: Option<&Identity>) -> Result<()> {
+        mounts::mount_all(Path::new("/"), mounts, owner)
+    }
+
+    fn network(&mut self, cfg: &netconf::Config) -> Result<()> {
+        netconf::apply(cfg)
+    }
+}
+
 /// Handles `req` in the VM.
 pub fn run(req: &Setup) -> Result<SetupResult> {
-    run_in(Path::new(ROOT), req)
+    run_in(Path::new(ROOT), req, &mut Vm)
 }
 
 fn bad(msg: impl Into<String>) -> AgentError {
@@ -92,8 +120,10 @@ fn write_script(dir: &Path, name: &str, content: &str, shell: &str) -> Result<()
     fs::rename(&tmp, &path).ctx(what)
 }
 
-/// Writes the scripts, then starts the background process if there is one.
-pub fn run_in(root: &Path, req: &Setup) -> Result<SetupResult> {
+/// Checks `req`, mounts its volumes and configures its NIC through
+/// `machine`, writes the scripts, then starts the background process if
+/// there is one.
+pub fn run_in(root: &Path, req: &Setup, machine: &mut impl Machine) -> Result<SetupResult> {
     if req.scripts.len() > MAX_SCRIPTS {
         return Err(bad(format!(
             "setup: {} scripts (limit {MAX_SCRIPTS})",
@@ -121,6 +151,21 @@ pub fn run_in(root: &Path, req: &Setup) -> Result<SetupResult> {
     } else {
         &req.shell
     };
+    mounts::check_all(&req.mounts)?;
+    let network = req.network.as_ref().map(netconf::parse).transpose()?;
+    // Read from the image's account files, before a volume can cover them.
+    let owner = if mounts::needs_owner(&req.mounts, &req.user) {
+        crate::user::resolve(&req.user)?
+    } else {
+        None
+    };
+
+    if !req.mounts.is_empty() {
+        machine.mount(&req.mounts, owner.as_ref())?;
+    }
+    if let Some(cfg) = &network {
+        machine.network(cfg)?;
+    }
 
     let scripts = root.join("scripts");
     mkdir(&scripts)?;
