@@ -95,6 +95,7 @@ mod tests {
         assert!(KEPT.iter().all(|(_, why)| why.len() > 10));
         assert!(!set.contains(&Capability::CAP_SYS_MODULE));
         assert!(!set.contains(&Capability::CAP_SYS_PTRACE));
-        assert!(!set.contains(&Capability::CAP_NET_ADMIN));
+        assert!(!set.contains(&Capability::CAP_NET_RAW));
+        assert!(!set.contains(&Capability::CAP_SYS_RAWIO));
     }
 }

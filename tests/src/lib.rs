@@ -254,8 +254,8 @@ owner_gid = {volume_owner}
 {volumes_extra}
 {extra}
 "#,
-            net_table = format!("moate2e_{}_{n}", std::process::id()),
-            net_prefix = format!("me{}x{n}x", std::process::id() % 10000),
+            net_table = format_args!("moate2e_{}_{n}", std::process::id()),
+            net_prefix = format_args!("me{}x{n}x", std::process::id() % 10000),
             net_subnet = {
                 // A /26 (16 sandboxes) of 10.128.0.0/9 per server.
                 let block = (std::process::id() % 1000) * 32 + n % 32;

@@ -35,13 +35,13 @@ impl Placement {
     pub fn place(&self) -> std::io::Result<()> {
         let mut high = [-1; MAX_PASSED];
         let min = 3 + self.count as libc::c_int;
-        for i in 0..self.count {
+        for (copy, source) in high.iter_mut().zip(&self.sources).take(self.count) {
             // SAFETY: fcntl on an fd number open in this (forked) process.
-            let fd = unsafe { libc::fcntl(self.sources[i], libc::F_DUPFD_CLOEXEC, min) };
+            let fd = unsafe { libc::fcntl(*source, libc::F_DUPFD_CLOEXEC, min) };
             if fd < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            high[i] = fd;
+            *copy = fd;
         }
         for (i, fd) in high.iter().take(self.count).enumerate() {
             // SAFETY: dup2 between fd numbers of this process.

@@ -361,6 +361,11 @@ mod tests {
             scripts: Default::default(),
             exec: None,
             user: None,
+            volumes: Vec::new(),
+            volume_strings: Vec::new(),
+            scope: crate::network::firewall::Scope::None,
+            ports: Vec::new(),
+            depends_on: Vec::new(),
         };
         let env = command_env(&spec, &["B=call".into()]);
         assert!(env.contains(&"B=call".to_string()));

@@ -177,6 +177,11 @@ mod tests {
             scripts: Default::default(),
             exec: None,
             user: None,
+            volumes: Vec::new(),
+            volume_strings: Vec::new(),
+            scope: crate::network::firewall::Scope::None,
+            ports: Vec::new(),
+            depends_on: Vec::new(),
         }
     }
 

@@ -166,6 +166,7 @@ mod tests {
                 dir: tmp.path().join("volumes"),
                 allowed_roots: vec![shared.clone()],
                 max_volumes: 8,
+                ..Default::default()
             },
             shared,
             _tmp: tmp,
