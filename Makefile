@@ -6,7 +6,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PORT ?= 5555
 
-.PHONY: help setup dev test lint unit e2e fuzz bench bench-gateway bench-images clean
+.PHONY: help setup dev test lint unit e2e fuzz bench bench-gateway bench-images bench-network clean
 
 help:
 	@echo "make dev   - install what is needed, build, run moat (gateway on 127.0.0.1:$(PORT), dev mode)"
@@ -56,6 +56,12 @@ bench: setup
 bench-images: setup
 	$(CARGO) build --locked --release -p moat-e2e --bin moat-bench-images
 	MOAT_BUILD_DIR=$(CURDIR)/build MOAT_BIN_DIR=$(CURDIR)/target/release target/release/moat-bench-images
+
+# Guest networking: throughput and connect latency to a test host in its own
+# network namespace, and the start-time cost of a NIC (tests/src/bin/bench_network.rs).
+bench-network: setup
+	$(CARGO) build --locked --release -p moat-e2e --bin moat-bench-network
+	MOAT_BUILD_DIR=$(CURDIR)/build MOAT_BIN_DIR=$(CURDIR)/target/release target/release/moat-bench-network
 
 # Gateway throughput and latency with wrk (see tests/tests/gateway_bench.rs).
 bench-gateway: setup

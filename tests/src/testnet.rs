@@ -142,6 +142,21 @@ impl TestHost {
         std::thread::sleep(Duration::from_millis(500));
     }
 
+    /// Runs `args` (a long-lived server) inside the host's namespace until
+    /// the host is dropped.
+    pub fn spawn_in(&mut self, args: &[&str]) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("server in the test host");
+        self.servers.push(child);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
     /// The host itself reaches the server (so a guest failing to is policy).
     fn wait_http(&self) {
         let start = Instant::now();

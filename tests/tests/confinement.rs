@@ -136,7 +136,7 @@ fn vm_processes_are_jailed() {
     assert!(a.contains(&((512 + 256) << 20, 1.0)), "{a:?}");
     // The broker itself keeps only its documented capabilities
     // (broker/src/privileges.rs): CHOWN, DAC_OVERRIDE, FOWNER, KILL, SETGID,
-    // SETUID, SETPCAP, SYS_ADMIN, MKNOD.
+    // SETUID, SETPCAP, SYS_ADMIN, MKNOD, NET_BIND_SERVICE, NET_ADMIN.
     let broker = s
         .daemons()
         .into_iter()
@@ -145,7 +145,7 @@ fn vm_processes_are_jailed() {
     for cap in ["CapEff:", "CapPrm:", "CapBnd:"] {
         assert_eq!(
             status_field(broker.0, cap),
-            "00000000082001eb",
+            "00000000082015eb",
             "broker {cap}"
         );
     }
