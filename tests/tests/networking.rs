@@ -52,7 +52,7 @@ fn metrics(s: &Server, ns: &str, name: &str) -> Value {
 
 #[test]
 fn public_reaches_the_internet_but_not_metadata_the_host_or_private_ranges() {
-    let mut internet = TestHost::start("inet", "198.51.100.2", "198.51.100.1", 24);
+    let mut internet = TestHost::start("inet", "198.51.100.2", "198.51.100.1", 25);
     internet.serve_dns(&["www.example.test=198.51.100.2"]);
     let metadata = TestHost::start("meta", "169.254.169.254", "169.254.169.1", 24);
     let private = TestHost::start("priv", "192.168.213.2", "192.168.213.1", 24);
@@ -301,4 +301,66 @@ fn depends_on_starts_a_chain_in_order_and_refuses_cycles() {
     assert!(message.contains("cycle"), "{message}");
     assert!(s.vm_pids().is_empty());
     s.assert_no_leftovers();
+}
+
+/// A test-host server: port 9000 sends 4 MiB per connection, port 9002
+/// holds each connection open until the client closes it.
+const LIMIT_SERVERS: &str = r#"
+import socket, threading, sys, time
+addr = sys.argv[1]
+def serve(port, handle):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, port)); s.listen(128)
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=handle, args=(c,), daemon=True).start()
+def send(c):
+    try: c.sendall(b"x" * (4 << 20))
+    finally: c.close()
+def hold(c):
+    c.recv(1); c.close()
+threading.Thread(target=serve, args=(9002, hold), daemon=True).start()
+serve(9000, send)
+"#;
+
+#[test]
+fn connection_and_byte_limits_hold_per_sandbox() {
+    let mut host = TestHost::start("lim", "198.51.100.130", "198.51.100.129", 25);
+    let script = server_script(LIMIT_SERVERS);
+    host.spawn_in(&["/usr/bin/python3", &script.1.display().to_string(), "198.51.100.130"]);
+    let s = Server::start_with(Options {
+        network_toml: "max_connections = 3\ningress_bytes_per_sec = 1048576\n".into(),
+        ..Options::default()
+    });
+    start(&s, "default", "lim", json!({"image": PY, "scope": "public"}));
+    let out = py(
+        &s,
+        "default",
+        "lim",
+        "import socket\nok = []\nfor i in range(6):\n    try:\n        ok.append(socket.create_connection(('198.51.100.130', 9002), timeout=3))\n    except Exception as e:\n        pass\nprint(len(ok))",
+    );
+    assert_eq!(out, "3", "connections forwarded at once are capped at 3");
+    let out = py(
+        &s,
+        "default",
+        "lim",
+        "import socket, time\ns = socket.create_connection(('198.51.100.130', 9000), timeout=30)\nt = time.time(); n = 0\nwhile True:\n    b = s.recv(65536)\n    if not b: break\n    n += len(b)\nprint(n, round(time.time() - t, 2))",
+    );
+    let mut parts = out.split_whitespace();
+    let bytes: u64 = parts.next().and_then(|v| v.parse().ok()).expect(&out);
+    let secs: f64 = parts.next().and_then(|v| v.parse().ok()).expect(&out);
+    assert_eq!(bytes, 4 << 20, "{out}");
+    assert!(secs >= 2.5, "4 MiB at 1 MiB/s took only {secs} s");
+    stop(&s, "default", "lim");
+    s.assert_no_leftovers();
+    drop(script);
+}
+
+/// Writes `text` to a script file that lives as long as the returned guard.
+fn server_script(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("server.py");
+    std::fs::write(&path, text).expect("script");
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    (dir, path)
 }

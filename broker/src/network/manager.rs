@@ -114,7 +114,11 @@ impl PeerLookup for Peers {
         if me.scope < Scope::Group {
             return None;
         }
-        let peer = ns.get(name)?;
+        // Names reach us lowercased; sandbox names keep their case.
+        let peer = ns
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, m)| m)?;
         (peer.scope >= Scope::Group).then_some(peer.guest_addr)
     }
 }
