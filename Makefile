@@ -30,16 +30,17 @@ e2e:
 	  $(CARGO) test --locked --release -p moat-e2e -- --test-threads=2
 
 # A short cargo-fuzz run of each target: the gateway's request parsing and
-# dispatch, and the OCI layer unpacker (FUZZ_SECONDS in all, split between
-# them; new inputs go to a temp dir, seeds stay in fuzz/seeds).
-FUZZ_SECONDS ?= 50
-FUZZ_TARGETS = rpc_dispatch layer_unpack
+# dispatch, the OCI layer unpacker and the sandbox DNS responder
+# (FUZZ_SECONDS in all, split between them; new inputs go to a temp dir,
+# seeds stay in fuzz/seeds).
+FUZZ_SECONDS ?= 75
+FUZZ_TARGETS = rpc_dispatch layer_unpack dns_query
 fuzz:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
 	for target in $(FUZZ_TARGETS); do \
 	  corpus=$$(mktemp -d) && ( cd fuzz && \
 	    RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -s none $$target $$corpus seeds/$$target -- \
-	      -max_total_time=$$(( $(FUZZ_SECONDS) / 2 )) -rss_limit_mb=2048 -print_final_stats=1 ); \
+	      -max_total_time=$$(( $(FUZZ_SECONDS) / $(words $(FUZZ_TARGETS)) )) -rss_limit_mb=2048 -print_final_stats=1 ); \
 	  status=$$?; rm -rf $$corpus; [ $$status -eq 0 ] || exit $$status; \
 	done
 
