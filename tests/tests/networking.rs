@@ -327,12 +327,21 @@ serve(9000, send)
 fn connection_and_byte_limits_hold_per_sandbox() {
     let mut host = TestHost::start("lim", "198.51.100.130", "198.51.100.129", 25);
     let script = server_script(LIMIT_SERVERS);
-    host.spawn_in(&["/usr/bin/python3", &script.1.display().to_string(), "198.51.100.130"]);
+    host.spawn_in(&[
+        "/usr/bin/python3",
+        &script.1.display().to_string(),
+        "198.51.100.130",
+    ]);
     let s = Server::start_with(Options {
         network_toml: "max_connections = 3\ningress_bytes_per_sec = 1048576\n".into(),
         ..Options::default()
     });
-    start(&s, "default", "lim", json!({"image": PY, "scope": "public"}));
+    start(
+        &s,
+        "default",
+        "lim",
+        json!({"image": PY, "scope": "public"}),
+    );
     let out = py(
         &s,
         "default",
@@ -361,6 +370,10 @@ fn server_script(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("server.py");
     std::fs::write(&path, text).expect("script");
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
     (dir, path)
 }

@@ -235,6 +235,7 @@ pub async fn launch(
     let booted = async {
         let volumes = open_volumes(ctx, namespace, &spec)?;
         if spec.has_nic() {
+            let attach_started = Instant::now();
             let net = ctx
                 .network
                 .attach(namespace, hostname, slot.index, spec.scope, &spec.ports)
@@ -246,6 +247,14 @@ pub async fn launch(
                         BrokerError::Failed(format!("cannot set up the sandbox's network: {e}"))
                     }
                 })?;
+            tracing::info!(
+                sandbox = hostname,
+                scope = %spec.scope,
+                address = %net.nic.guest_addr,
+                tap = %net.nic.ifname,
+                attach_us = attach_started.elapsed().as_micros() as u64,
+                "network attached"
+            );
             res.network = Some(net);
         }
         boot(ctx, hostname, &image, &mut res, volumes).await

@@ -1,9 +1,10 @@
-//! Networking benchmark: guest → test-host TCP throughput (MB/s) and
-//! connection set-up latency, measured inside a `public` sandbox against a
-//! test host in a network namespace of its own (198.51.100.2; never any
-//! other address), and what a NIC adds to `sandbox.start` (scope none vs
-//! public, alternating, same server). Throughput is measured with the
-//! per-sandbox byte limits off and at the default (64 MiB/s).
+//! Networking benchmark: guest ↔ test-host TCP throughput (MB/s) and
+//! connect+close cycle time from a `public` sandbox to a test host in a
+//! network namespace of its own (198.51.100.2; never any other address),
+//! timed by the test host's clock, next to the host's own figures; with the
+//! per-sandbox byte limits off and at the default (64 MiB/s; 256 MiB
+//! transfers, since nftables admits one second's worth at once); and what a NIC
+//! adds to `sandbox.start` (scope none vs public, alternating, same server).
 //!
 //! Usage (root, after `make setup`): `moat-bench-network [RUNS]`
 
@@ -33,66 +34,118 @@ fn report(name: &str, unit: &str, mut v: Vec<f64>) -> f64 {
     median
 }
 
-/// A TCP server that, per connection, sends 64 MiB then closes (port 9000),
-/// and one that accepts and closes at once (port 9001).
+/// Test-host servers, timed with the host's clock (a TCG guest's clock can
+/// be coarse): 9000 sinks an upload, 9003 sends 64 MiB, 9001 accepts and
+/// closes. Each appends "UPLOAD|DOWNLOAD bytes secs" or "ACCEPT t" lines to
+/// the results file.
 const SERVERS: &str = r#"
-import socket, threading, sys
-addr = sys.argv[1]
+import socket, threading, sys, time
+addr, out = sys.argv[1], sys.argv[2]
+lock = threading.Lock()
+def record(line):
+    with lock:
+        with open(out, "a") as f: f.write(line + "\n")
 def serve(port, handle):
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((addr, port)); s.listen(128)
     while True:
         c, _ = s.accept()
         threading.Thread(target=handle, args=(c,), daemon=True).start()
-chunk = b"x" * (1 << 20)
-def send(c):
-    try:
-        for _ in range(64): c.sendall(chunk)
-    finally: c.close()
-threading.Thread(target=serve, args=(9001, lambda c: c.close()), daemon=True).start()
-serve(9000, send)
-"#;
-
-/// Guest side: download from port 9000 `n` times, and time `n` connects
-/// to port 9001; prints "MBPS x" and "CONNECT_MS y" lines.
-const CLIENT: &str = r#"
-import socket, time, sys
-host, n = sys.argv[1], int(sys.argv[2])
-for _ in range(n):
-    s = socket.create_connection((host, 9000)); t = time.perf_counter(); total = 0
+def sink(c):
+    n, t0 = 0, None
     while True:
-        b = s.recv(1 << 20)
+        b = c.recv(1 << 20)
         if not b: break
-        total += len(b)
-    dt = time.perf_counter() - t; s.close()
-    print("MBPS", total / dt / 1e6)
-for _ in range(n * 10):
-    t = time.perf_counter(); s = socket.create_connection((host, 9001)); dt = time.perf_counter() - t; s.close()
-    print("CONNECT_MS", dt * 1000)
+        if t0 is None: t0 = time.perf_counter()
+        n += len(b)
+    record("UPLOAD %d %f" % (n, time.perf_counter() - (t0 or time.perf_counter())))
+    c.close()
+chunk = b"x" * (1 << 20)
+def source(c):
+    mib = int(c.recv(8).decode().strip())
+    t0 = time.perf_counter()
+    for _ in range(mib): c.sendall(chunk)
+    c.shutdown(socket.SHUT_WR)
+    c.recv(1)
+    record("DOWNLOAD %d %f" % (mib << 20, time.perf_counter() - t0))
+    c.close()
+def accept(c):
+    record("ACCEPT %f" % time.perf_counter()); c.close()
+threading.Thread(target=serve, args=(9001, accept), daemon=True).start()
+threading.Thread(target=serve, args=(9003, source), daemon=True).start()
+serve(9000, sink)
 "#;
 
-fn measure(s: &Server, name: &str, runs: usize) -> (Vec<f64>, Vec<f64>) {
+/// Client (guest or host): `n` uploads and downloads of MIB MiB each, then
+/// `10n` sequential connect+close cycles.
+const CLIENT: &str = r#"
+import socket, sys, time
+host, n, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+chunk = b"y" * (1 << 20)
+for _ in range(n):
+    s = socket.create_connection((host, 9000))
+    for _ in range(mib): s.sendall(chunk)
+    s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
+    time.sleep(1.2)
+for _ in range(n):
+    s = socket.create_connection((host, 9003))
+    s.sendall(b"%-8d" % mib)
+    while s.recv(1 << 20): pass
+    s.close()
+    time.sleep(0.2)
+for _ in range(n * 10):
+    s = socket.create_connection((host, 9001)); s.recv(1); s.close()
+print("done")
+"#;
+
+/// Figures the test host recorded since the last call: (upload MB/s,
+/// download MB/s, connect cycle ms).
+fn take_results(path: &std::path::Path) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let _ = std::fs::write(path, "");
+    let (mut up, mut down, mut accepts) = (Vec::new(), Vec::new(), Vec::new());
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        match w.as_slice() {
+            ["UPLOAD", n, secs] | ["DOWNLOAD", n, secs] => {
+                let (n, secs): (f64, f64) = (n.parse().unwrap_or(0.0), secs.parse().unwrap_or(0.0));
+                if secs > 0.0 {
+                    let v = n / secs / 1e6;
+                    if w[0] == "UPLOAD" {
+                        up.push(v)
+                    } else {
+                        down.push(v)
+                    }
+                }
+            }
+            ["ACCEPT", t] => accepts.push(t.parse::<f64>().unwrap_or(0.0)),
+            _ => {}
+        }
+    }
+    let cycles = accepts.windows(2).map(|w| (w[1] - w[0]) * 1000.0).collect();
+    (up, down, cycles)
+}
+
+fn measure(
+    s: &Server,
+    name: &str,
+    runs: usize,
+    mib: u32,
+    results: &std::path::Path,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     s.start_sandbox(
         name,
         json!({"image": "microsandbox/python", "scope": "public"}),
     );
+    let _ = take_results(results);
     let r = s.ok(
         "sandbox.command.run",
         json!({"sandbox": name, "namespace": "default", "command": "python3",
-               "args": ["-c", CLIENT, "198.51.100.2", runs.to_string()], "timeout": 600}),
+               "args": ["-c", CLIENT, "198.51.100.2", runs.to_string(), mib.to_string()], "timeout": 600}),
     );
-    let (mut mbps, mut connect) = (Vec::new(), Vec::new());
-    for line in Server::stdout_lines(&r) {
-        let mut w = line.split_whitespace();
-        match (w.next(), w.next().and_then(|v| v.parse::<f64>().ok())) {
-            (Some("MBPS"), Some(v)) => mbps.push(v),
-            (Some("CONNECT_MS"), Some(v)) => connect.push(v),
-            _ => {}
-        }
-    }
-    assert!(!mbps.is_empty(), "no figures: {r}");
+    assert_eq!(Server::stdout_lines(&r), vec!["done".to_string()], "{r}");
     s.stop_sandbox(name);
-    (mbps, connect)
+    take_results(results)
 }
 
 fn main() {
@@ -101,49 +154,60 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(10);
     let mut host = TestHost::start("bench", "198.51.100.2", "198.51.100.1", 24);
-    let script = std::env::temp_dir().join(format!("moat-bench-net-{}.py", std::process::id()));
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let script = dir.path().join("servers.py");
+    let results = dir.path().join("results");
     std::fs::write(&script, SERVERS).expect("server script");
     host.spawn_in(&[
         "/usr/bin/python3",
         &script.display().to_string(),
         "198.51.100.2",
+        &results.display().to_string(),
     ]);
 
-    // The host's own figure, for scale.
+    // The host's own figures, for scale.
     let out = std::process::Command::new("python3")
-        .args(["-c", CLIENT, "198.51.100.2", &runs.to_string()])
+        .args(["-c", CLIENT, "198.51.100.2", &runs.to_string(), "64"])
         .output()
         .expect("host client");
-    let host_mbps: Vec<f64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.strip_prefix("MBPS ").and_then(|v| v.parse().ok()))
-        .collect();
-    let host_connect: Vec<f64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.strip_prefix("CONNECT_MS ").and_then(|v| v.parse().ok()))
-        .collect();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("done"));
+    let (host_up, host_down, host_cycle) = take_results(&results);
 
     let unlimited = Server::start_with(Options {
         network_toml: "egress_bytes_per_sec = 0\ningress_bytes_per_sec = 0\n".into(),
         ..Options::default()
     });
-    let (mbps, connect) = measure(&unlimited, "net-raw", runs);
+    let (up, down, cycle) = measure(&unlimited, "net-raw", runs, 64, &results);
     let capped = Server::start_with(Options::default());
-    let (mbps_capped, _) = measure(&capped, "net-capped", runs);
+    // nftables byte limits admit one second's worth at once, then the rate:
+    // 256 MiB at 64 MiB/s is 64 MiB free and 3 s limited (~89 MB/s overall).
+    let (up_capped, down_capped, _) = measure(&capped, "net-capped", runs, 256, &results);
 
-    println!("networking (QEMU TCG, tap + nftables, guest python client, 64 MiB per download)");
-    let h = report("host -> test host download", "MB/s", host_mbps);
-    let g = report("guest -> test host download (no byte limit)", "MB/s", mbps);
+    println!("networking (QEMU TCG, tap + nftables; 64 MiB transfers timed by the test host)");
+    let hu = report("host -> test host upload", "MB/s", host_up);
+    report("test host -> host download", "MB/s", host_down);
+    let gu = report("guest -> test host upload (no byte limit)", "MB/s", up);
+    report("test host -> guest download (no byte limit)", "MB/s", down);
     report(
-        "guest download at the default 64 MiB/s limit",
+        "guest upload, 256 MiB at the 64 MiB/s default",
         "MB/s",
-        mbps_capped,
+        up_capped,
     );
-    let hc = report("host connect to test host", "ms", host_connect);
-    let gc = report("guest connect to test host", "ms", connect);
+    report(
+        "guest download, 256 MiB at the 64 MiB/s default",
+        "MB/s",
+        down_capped,
+    );
+    let hc = report("host connect+close cycle", "ms", host_cycle);
+    let gc = report("guest connect+close cycle", "ms", cycle);
     println!(
-        "ratio guest/host throughput: {:.3}; connect latency guest/host: {:.1}x",
-        g / h,
+        "ratio guest/host upload: {:.3}; connect cycle guest/host: {:.1}x",
+        gu / hu,
         gc / hc
     );
 
@@ -168,5 +232,39 @@ fn main() {
         "networking adds {:.0} ms to a start (median difference)",
         b - a
     );
-    let _ = std::fs::remove_file(&script);
+    // The broker's own measure of the network set-up (tap, nft, DNS, ports).
+    let attach_ms: Vec<f64> = unlimited
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("network attached") && l.contains("start-public"))
+        .map(strip_ansi)
+        .filter_map(|l| {
+            let at = l.find("attach_us=")? + "attach_us=".len();
+            let digits: String = l[at..].chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<f64>().ok().map(|us| us / 1000.0)
+        })
+        .collect();
+    report(
+        "network set-up inside sandbox.start (broker)",
+        "ms",
+        attach_ms,
+    );
+}
+
+/// A log line without its colour escapes (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
