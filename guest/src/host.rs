@@ -1,7 +1,7 @@
 //! Per-VM identity and basic networking: the hostname (from `MOAT_HOSTNAME`)
 //! and bringing the loopback interface up.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use moat_proto::names::validate_name;
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
@@ -25,23 +25,7 @@ pub fn loopback_up() -> Result<()> {
         None,
     )
     .ctx(|| "socket for SIOCSIFFLAGS")?;
-    // SAFETY: `ifreq` is plain old data; all-zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: `sock` is an open socket and `req` a valid, NUL-terminated
-    // `ifreq` that outlives the call; SIOCGIFFLAGS only writes `ifr_flags`.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
-    nix::errno::Errno::result(rc).ctx(|| "SIOCGIFFLAGS lo")?;
-    // SAFETY: SIOCGIFFLAGS succeeded, so the union holds `ifru_flags`.
-    unsafe {
-        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-    }
-    // SAFETY: as above; SIOCSIFFLAGS only reads `req`.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
-    nix::errno::Errno::result(rc).ctx(|| "SIOCSIFFLAGS lo up")?;
-    Ok(())
+    crate::netconf::link_up(&sock, "lo")
 }
 
 #[cfg(test)]

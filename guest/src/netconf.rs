@@ -346,19 +346,19 @@ fn set_addr(
 
 /// Brings `ifname` up (SIOCGIFFLAGS, then SIOCSIFFLAGS with IFF_UP and
 /// IFF_RUNNING added).
-fn link_up(sock: &OwnedFd, ifname: &str) -> Result<()> {
+pub(crate) fn link_up(sock: &OwnedFd, ifname: &str) -> Result<()> {
     let mut req = ifreq(ifname)?;
     // SAFETY: `sock` is an open socket and `req` a valid, NUL-terminated
     // `ifreq` that outlives the call; SIOCGIFFLAGS only writes `ifr_flags`.
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
-    nix::errno::Errno::result(rc).ctx(|| format!("setup: network: SIOCGIFFLAGS {ifname}"))?;
+    nix::errno::Errno::result(rc).ctx(|| format!("SIOCGIFFLAGS {ifname}"))?;
     // SAFETY: SIOCGIFFLAGS succeeded, so the union holds `ifru_flags`.
     unsafe {
         req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     }
     // SAFETY: as above; SIOCSIFFLAGS only reads `req`.
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
-    nix::errno::Errno::result(rc).ctx(|| format!("setup: network: SIOCSIFFLAGS {ifname} up"))?;
+    nix::errno::Errno::result(rc).ctx(|| format!("SIOCSIFFLAGS {ifname} up"))?;
     Ok(())
 }
 
