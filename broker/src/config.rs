@@ -90,6 +90,9 @@ pub struct NetworkConfig {
     pub table: String,
     /// The nft binary.
     pub nft: PathBuf,
+    /// The conntrack binary (conntrack-tools): a reused slot's old flows are
+    /// deleted with it.
+    pub conntrack: PathBuf,
     /// Private ranges (CIDR) that `public` sandboxes may reach anyway.
     pub allowed_private: Vec<String>,
     /// Upstream resolvers (`ip` or `ip:port`) for sandboxes that may reach
@@ -107,7 +110,9 @@ pub struct NetworkConfig {
     pub guard_forwarding: bool,
     /// Address published ports listen on.
     pub port_bind_address: std::net::IpAddr,
-    /// Host ports a sandbox may publish: `port_min..=port_max`.
+    /// Host ports a sandbox may publish: `port_min..=port_max` (default
+    /// 8000-8999). Choose a range no local service uses: a published port
+    /// takes any free port in it.
     pub port_min: u16,
     pub port_max: u16,
     /// Most published ports per sandbox.
@@ -125,6 +130,7 @@ impl Default for NetworkConfig {
             iface_prefix: "mtap".into(),
             table: "moat".into(),
             nft: PathBuf::from("/usr/sbin/nft"),
+            conntrack: PathBuf::from("/usr/sbin/conntrack"),
             allowed_private: Vec::new(),
             dns_upstreams: Vec::new(),
             max_connections: 512,
@@ -132,8 +138,8 @@ impl Default for NetworkConfig {
             ingress_bytes_per_sec: 64 << 20,
             guard_forwarding: true,
             port_bind_address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-            port_min: 1024,
-            port_max: 65535,
+            port_min: 8000,
+            port_max: 8999,
             max_ports: 16,
             max_port_connections: 256,
         }
@@ -686,6 +692,19 @@ impl BrokerConfig {
             }
             if p == Path::new("/") {
                 return bad(format!("{what} cannot be /: it would share the whole host"));
+            }
+        }
+        for root in &self.volumes.allowed_roots {
+            for (what, other) in [
+                ("state_dir", &self.state_dir),
+                ("volumes.dir", &self.volumes.dir),
+                ("images.store", &self.images.store),
+            ] {
+                if root.starts_with(other) || other.starts_with(root) {
+                    return bad(format!(
+                        "volumes.allowed_roots entry {root:?} overlaps {what} {other:?}: sandboxes could mount moat's own state; use a separate directory"
+                    ));
+                }
             }
         }
         let v = &self.volumes;

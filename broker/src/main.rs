@@ -135,7 +135,7 @@ async fn run(config: BrokerConfig) -> Result<()> {
     tracing::info!(store = %config.images.store.display(), pull_on_start = config.images.pull_on_start, "image store");
 
     let network = Arc::new(
-        moat_broker::network::Networking::start(&config.network)
+        moat_broker::network::Networking::start(&config.network, &config.state_dir)
             .context("guest networking (see [network] in the broker config)")?,
     );
 

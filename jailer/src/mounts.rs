@@ -54,6 +54,21 @@ fn bind_mount(root: &Path, b: &Bind) -> Result<(), JailError> {
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const AT_EMPTY_PATH: libc::c_uint = 0x1000;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+const MS_PRIVATE: u64 = 1 << 18;
+
+/// `struct mount_attr` of <linux/mount.h>.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
 
 /// Before the new mount namespace exists: turns each volume fd the broker
 /// passed into a detached copy of its mount (`open_tree(OPEN_TREE_CLONE)`),
@@ -91,6 +106,35 @@ pub fn detach_volumes(spec: &JailSpec) -> Result<Vec<(OwnedFd, FdBind)>, JailErr
 /// exec). The volume was resolved by the broker beneath its root; the jail
 /// never looks it up by path.
 fn attach_volume(root: &Path, tree: OwnedFd, b: FdBind) -> Result<(), JailError> {
+    // On the detached tree, recursively and before it is attached: private
+    // propagation (mounts the host makes later under the directory never
+    // appear in the jail) and the flags (read-only for `:ro`).
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_NOSUID
+            | MOUNT_ATTR_NODEV
+            | MOUNT_ATTR_NOEXEC
+            | if b.writable { 0 } else { MOUNT_ATTR_RDONLY },
+        attr_clr: 0,
+        propagation: MS_PRIVATE,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr on a detached-tree fd we own, an empty C string,
+    // and a pointer to a live `mount_attr` of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            AT_EMPTY_PATH | AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(JailError::step("set a volume's mount attributes")(
+            std::io::Error::last_os_error(),
+        ));
+    }
     let target = inside(root, &b.dst);
     fs::create_dir_all(&target).map_err(JailError::step("create a volume mount point"))?;
     let c_target = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())

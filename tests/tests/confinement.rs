@@ -345,7 +345,11 @@ fn a_compromised_vmm_reaches_nothing_and_a_forbidden_syscall_kills_it() {
 
     // Outside the allow-list: killed by SIGSYS before the call returns.
     let gateway_port = s.url.rsplit(':').next().unwrap().to_string();
-    for mode in [vec!["connect", gateway_port.as_str()], vec!["forbidden"]] {
+    for mode in [
+        vec!["connect", gateway_port.as_str()],
+        vec!["tap-persist"],
+        vec!["forbidden"],
+    ] {
         let (status, lines) = probe.run(&mode);
         assert_eq!(status.signal(), Some(libc::SIGSYS), "{mode:?}: {status:?}");
         assert_eq!(lines.len(), 1, "the call returned: {lines:?}");

@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use moat_e2e::testnet::TestHost;
-use moat_e2e::{free_port, Options, Server};
+use moat_e2e::{Options, Server};
 use serde_json::{json, Value};
 
 const PY: &str = "microsandbox/python";
@@ -133,7 +133,7 @@ fn public_reaches_the_internet_but_not_metadata_the_host_or_private_ranges() {
 
 #[test]
 fn none_has_no_nic_and_group_reaches_only_its_namespace_by_name() {
-    let internet = TestHost::start("inet", "203.0.113.2", "203.0.113.1", 24);
+    let internet = TestHost::start("inet", "203.0.113.2", "203.0.113.1", 25);
     let s = Server::start_with(Options::default());
     start(&s, "default", "loner", json!({"image": PY}));
     let r = s.run("loner", "cat", &["/proc/net/dev"]);
@@ -205,7 +205,12 @@ fn none_has_no_nic_and_group_reaches_only_its_namespace_by_name() {
 #[test]
 fn published_ports_forward_refuse_conflicts_and_are_released() {
     let s = Server::start_with(Options::default());
-    let port = free_port();
+    // 8080 as in the reference's example when it is free; else another
+    // port of the default range (8000-8999).
+    let port = std::iter::once(8080)
+        .chain(8000..9000)
+        .find(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port in 8000-8999");
     start(
         &s,
         "default",
@@ -376,4 +381,62 @@ fn server_script(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     )
     .expect("chmod");
     (dir, path)
+}
+
+/// UDP echo on port 7 (for the slot-reuse test).
+const UDP_ECHO: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 7))
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(data, peer)
+"#;
+
+/// Guest: send "ping" from UDP port 5353 to the echo server, print the
+/// answer or "timeout".
+fn udp_ping(host: &str) -> String {
+    format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 5353)); s.settimeout(3)\ns.sendto(b'ping', ({host:?}, 7))\ntry:\n    print(s.recvfrom(100)[0].decode())\nexcept socket.timeout:\n    print('timeout')"
+    )
+}
+
+#[test]
+fn a_reused_slot_inherits_no_flows_of_the_sandbox_before() {
+    let mut host = TestHost::start("reuse", "203.0.113.130", "203.0.113.129", 25);
+    let script = server_script(UDP_ECHO);
+    host.spawn_in(&[
+        "/usr/bin/python3",
+        &script.1.display().to_string(),
+        "203.0.113.130",
+    ]);
+    let s = Server::start_with(Options::default());
+    start(
+        &s,
+        "default",
+        "first",
+        json!({"image": PY, "scope": "public"}),
+    );
+    let first_addr = metrics(&s, "default", "first")["address"].clone();
+    assert_eq!(
+        py(&s, "default", "first", &udp_ping("203.0.113.130")),
+        "ping"
+    );
+    stop(&s, "default", "first");
+    // Same slot, so same tap and address; a narrower scope.
+    start(
+        &s,
+        "default",
+        "second",
+        json!({"image": PY, "scope": "group"}),
+    );
+    assert_eq!(metrics(&s, "default", "second")["address"], first_addr);
+    assert_eq!(
+        py(&s, "default", "second", &udp_ping("203.0.113.130")),
+        "timeout",
+        "the first sandbox's flow carried the second past its scope"
+    );
+    stop(&s, "default", "second");
+    s.assert_no_leftovers();
+    drop(script);
 }

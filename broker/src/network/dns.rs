@@ -431,7 +431,25 @@ impl DnsResponder {
         forward: bool,
         limits: DnsLimits,
     ) -> io::Result<Self> {
-        let socket = UdpSocket::bind(listen).await?;
+        Self::bind_on(listen, None, peers, upstreams, forward, limits).await
+    }
+
+    /// As [`DnsResponder::bind`], and when `device` is set the socket only
+    /// receives what arrives on that interface (`SO_BINDTODEVICE`): a
+    /// sandbox's responder answers its own tap, not the host's other
+    /// networks or local users.
+    pub async fn bind_on(
+        listen: SocketAddr,
+        device: Option<&str>,
+        peers: Arc<dyn PeerLookup>,
+        upstreams: Vec<SocketAddr>,
+        forward: bool,
+        limits: DnsLimits,
+    ) -> io::Result<Self> {
+        let socket = match device {
+            None => UdpSocket::bind(listen).await?,
+            Some(dev) => bound_to_device(listen, dev)?,
+        };
         let local_addr = socket.local_addr()?;
         if forward && upstreams.is_empty() {
             tracing::warn!(
@@ -459,6 +477,36 @@ impl DnsResponder {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
+}
+
+/// A UDP socket bound to `listen` that only sees traffic from `device`
+/// (set before the socket is handed to the runtime, so nothing from another
+/// interface is ever answered; anything queued in between is discarded).
+fn bound_to_device(listen: SocketAddr, device: &str) -> io::Result<UdpSocket> {
+    use std::os::fd::AsRawFd;
+    let socket = std::net::UdpSocket::bind(listen)?;
+    let name = std::ffi::CString::new(device)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "device name has a NUL"))?;
+    let len = libc::socklen_t::try_from(name.as_bytes_with_nul().len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "device name too long"))?;
+    // SAFETY: setsockopt on an open socket with a NUL-terminated buffer of
+    // `len` bytes that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            name.as_ptr().cast(),
+            len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    socket.set_nonblocking(true)?;
+    let mut drain = [0u8; 1];
+    while socket.recv_from(&mut drain).is_ok() {}
+    UdpSocket::from_std(socket)
 }
 
 impl Drop for DnsResponder {

@@ -202,9 +202,14 @@ const fn net(a: u8, b: u8, c: u8, d: u8, prefix: u8) -> Ipv4Net {
     }
 }
 
+/// Destinations no sandbox reaches, whatever its scope (`any` included),
+/// unless listed in `allowed_private`: link-local (cloud metadata at
+/// 169.254.169.254) and Azure's WireServer.
+pub const NEVER_RANGES: [Ipv4Net; 2] = [net(169, 254, 0, 0, 16), net(168, 63, 129, 16, 32)];
+
 /// Destinations a `public` sandbox may not reach unless they are in
 /// `allowed_private` (the moat subnet is blocked too).
-pub const BLOCKED_RANGES: [Ipv4Net; 11] = [
+pub const BLOCKED_RANGES: [Ipv4Net; 12] = [
     net(0, 0, 0, 0, 8),
     net(10, 0, 0, 0, 8),
     net(100, 64, 0, 0, 10),
@@ -216,7 +221,11 @@ pub const BLOCKED_RANGES: [Ipv4Net; 11] = [
     net(198, 18, 0, 0, 15),
     net(224, 0, 0, 0, 4),
     net(240, 0, 0, 0, 4),
+    net(168, 63, 129, 16, 32),
 ];
+
+/// DNS queries one sandbox may send its resolver per second (burst 50).
+const DNS_QUERIES_PER_SEC: u32 = 100;
 
 /// Highest byte rate the kernel's limit expression takes without
 /// overflowing (it multiplies by 10^9 ns).
@@ -235,10 +244,12 @@ const SET_SCOPE_ANY: &str = "scope_any";
 const SET_PEERS: &str = "peers";
 /// Sets filled by `install` only.
 const SET_BLOCKED: &str = "blocked_dst";
+const SET_NEVER: &str = "never_dst";
 const SET_ALLOWED: &str = "allowed_dst";
 /// Dynamic sets filled by the kernel.
 const SET_CONN_COUNT: &str = "conn_count";
 const SET_EGRESS_RATE: &str = "egress_rate";
+const SET_DNS_RATE: &str = "dns_rate";
 const SET_INGRESS_RATE: &str = "ingress_rate";
 
 /// One part of a set element's key.
@@ -453,6 +464,7 @@ impl Firewall {
         let mut blocked: Vec<String> = BLOCKED_RANGES.iter().map(|n| n.to_string()).collect();
         blocked.push(cfg.subnet.to_string());
         let allowed: Vec<String> = cfg.allowed_private.iter().map(|n| n.to_string()).collect();
+        let never: Vec<String> = NEVER_RANGES.iter().map(|n| n.to_string()).collect();
 
         let mut out = String::new();
         let mut line = |depth: usize, text: &str| {
@@ -484,6 +496,17 @@ impl Firewall {
                 "set {SET_BLOCKED} {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {} }} }}",
                 blocked.join(", ")
             ),
+        );
+        line(
+            1,
+            &format!(
+                "set {SET_NEVER} {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {} }} }}",
+                never.join(", ")
+            ),
+        );
+        line(
+            1,
+            &format!("set {SET_DNS_RATE} {{ type ifname; size 65535; flags dynamic,timeout; timeout 1m; }}"),
         );
         if allowed.is_empty() {
             line(
@@ -532,11 +555,16 @@ impl Firewall {
         line(2, "meta nfproto ipv6 drop");
         line(2, &format!("iifname . ip saddr != @{SET_GUEST_ADDR} drop"));
         line(2, "ct state established,related accept");
+        // DNS: UDP only (the responder serves nothing else), rate-limited.
         line(
             2,
             &format!(
-                "iifname . ip daddr @{SET_RESOLVER_ADDR} meta l4proto {{ tcp, udp }} th dport 53 accept"
+                "iifname . ip daddr @{SET_RESOLVER_ADDR} udp dport 53 update @{SET_DNS_RATE} {{ iifname limit rate over {DNS_QUERIES_PER_SEC}/second burst 50 packets }} drop"
             ),
+        );
+        line(
+            2,
+            &format!("iifname . ip daddr @{SET_RESOLVER_ADDR} udp dport 53 accept"),
         );
         line(2, "drop");
         line(1, "}");
@@ -545,6 +573,9 @@ impl Firewall {
         line(1, "chain output {");
         line(2, "type filter hook output priority -10; policy accept;");
         line(2, &format!("oifname {tap} meta nfproto ipv6 drop"));
+        // The host's multicast and broadcast chatter (mDNS, ...) stays out.
+        line(2, &format!("oifname {tap} ip daddr 224.0.0.0/4 drop"));
+        line(2, &format!("oifname {tap} ip daddr 255.255.255.255 drop"));
         line(1, "}");
 
         // Forwarded.
@@ -597,6 +628,11 @@ impl Firewall {
         line(1, "}");
         // New connection from a tap to a non-tap interface.
         line(1, "chain new_from_tap {");
+        line(2, &format!("ip daddr @{SET_ALLOWED} goto allowed_from_tap"));
+        line(2, &format!("ip daddr @{SET_NEVER} drop"));
+        line(2, "goto allowed_from_tap");
+        line(1, "}");
+        line(1, "chain allowed_from_tap {");
         line(2, &format!("iifname @{SET_SCOPE_ANY} goto admit"));
         line(
             2,
@@ -660,8 +696,16 @@ impl Firewall {
     /// Adds a sandbox's elements: its guest address, and by scope its
     /// resolver address and scope sets. Scope memberships it had before
     /// are replaced.
+    ///
+    /// Whatever an earlier holder of the same tap name left (peer pairs
+    /// naming it, an old address) is deleted in the same transaction, so a
+    /// reused slot starts with nothing it did not ask for.
     pub fn add(&self, nic: &SandboxNic) -> Result<(), FirewallError> {
-        let script = self.add_script(nic)?;
+        let add = self.add_script(nic)?;
+        let listing = self.nft_args("list", &["-j", "list", "table", "inet", &self.cfg.table])?;
+        let listed = self.parse_listing(&listing)?;
+        let mut script = self.remove_script(nic, &listed)?;
+        script.push_str(&add);
         self.nft_script("add", &script, false)
     }
 
@@ -1064,7 +1108,7 @@ mod tests {
         }
         assert!(r.starts_with("table inet moat {\n"));
         assert!(r.contains("elements = { 0.0.0.0/8, 10.0.0.0/8,"));
-        assert!(r.contains(", 240.0.0.0/4, 10.213.0.0/16 }"));
+        assert!(r.contains(", 240.0.0.0/4, 168.63.129.16/32, 10.213.0.0/16 }"));
         assert!(r.contains("ip saddr 10.213.0.0/16 oifname != \"mtap*\" masquerade"));
         assert!(r.contains("type nat hook postrouting priority srcnat;"));
         for hook in ["input", "output", "forward"] {
@@ -1074,7 +1118,14 @@ mod tests {
         }
         assert!(r.contains("iifname . ip saddr != @guest_addr drop"));
         assert!(r.contains("iifname \"mtap*\" iifname . ip saddr != @guest_addr drop"));
-        assert!(r.contains("meta l4proto { tcp, udp } th dport 53 accept"));
+        assert!(r.contains("iifname . ip daddr @resolver_addr udp dport 53 accept"));
+        assert!(r.contains("limit rate over 100/second burst 50 packets } drop"));
+        assert!(!r.contains("tcp dport 53"), "the responder serves UDP only");
+        assert!(
+            r.contains("ip daddr @never_dst drop"),
+            "metadata is never reachable"
+        );
+        assert!(r.contains("oifname \"mtap*\" ip daddr 224.0.0.0/4 drop"));
         assert!(r.contains("oifname \"mtap*\" meta nfproto ipv6 drop"));
         assert!(r.contains("iifname . oifname @peers goto admit"));
         assert!(r.contains("iifname @scope_public ip daddr @allowed_dst goto admit"));
@@ -1088,7 +1139,7 @@ mod tests {
     fn ruleset_omits_zero_limits_and_empty_allow_list() {
         let r = fw(cfg()).ruleset();
         assert!(!r.contains("ct count"));
-        assert!(!r.contains("limit rate"));
+        assert!(!r.contains("bytes/second"));
         assert!(!r.contains("conn_count"));
         assert!(!r.contains("egress_rate"));
         assert!(!r.contains("ingress_rate"));
@@ -1129,7 +1180,7 @@ mod tests {
         .ruleset();
         assert!(r.starts_with("table inet moat_test {"));
         assert!(r.contains("iifname \"xt*\" goto tap_input"));
-        assert!(r.contains("240.0.0.0/4, 172.31.0.0/24 }"));
+        assert!(r.contains("240.0.0.0/4, 168.63.129.16/32, 172.31.0.0/24 }"));
         assert!(!r.contains("mtap"));
     }
 
@@ -1472,6 +1523,10 @@ mod tests {
             assert_eq!(set_keys(&f, "scope_public"), ["\"mtap0\""]);
             f.add(&b).unwrap();
             assert!(set_keys(&f, "scope_any").is_empty());
+            // A re-add starts without the pairs an earlier holder of the
+            // name had.
+            assert!(set_keys(&f, "peers").iter().all(|k| !k.contains("mtap1")));
+            f.allow_pair("mtap1", "mtap2").unwrap();
 
             // Remove a: its elements and pairs go, the rest stays.
             f.remove(&a).unwrap();

@@ -20,6 +20,8 @@ use crate::config::NetworkConfig;
 /// Why networking could not be set up, at broker start or for a sandbox.
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
+    #[error(transparent)]
+    Conntrack(#[from] super::conntrack::ConntrackError),
     #[error("networking config: {0}")]
     Config(String),
     #[error("cannot enable IPv4 forwarding (/proc/sys/net/ipv4/ip_forward): {0}")]
@@ -71,6 +73,12 @@ pub struct Networking {
     firewall: Option<Arc<Firewall>>,
     upstreams: Vec<SocketAddr>,
     members: Registry,
+    /// Held while a sandbox's registration and firewall elements change,
+    /// so a peer pair is never added for a sandbox being taken down.
+    changes: tokio::sync::Mutex<()>,
+    /// Whether this broker owns IPv4 forwarding (turned it on, now or in an
+    /// earlier run) and turns it off again at shutdown.
+    owns_forwarding: Option<std::path::PathBuf>,
 }
 
 /// One sandbox's network: released by [`SandboxNetwork::detach`].
@@ -129,21 +137,29 @@ impl std::fmt::Debug for Peers {
     }
 }
 
-/// Turns on IPv4 forwarding; returns whether it was off before.
-fn enable_forwarding() -> Result<bool, NetworkError> {
-    const KNOB: &str = "/proc/sys/net/ipv4/ip_forward";
-    let now = std::fs::read_to_string(KNOB).map_err(NetworkError::Forwarding)?;
+const FORWARDING: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// Turns on IPv4 forwarding. Returns whether moat owns it: it was off, or
+/// `marker` says an earlier run of this broker turned it on (a restart must
+/// keep the guard). Ownership is recorded in `marker`.
+fn enable_forwarding(marker: &std::path::Path) -> Result<bool, NetworkError> {
+    let now = std::fs::read_to_string(FORWARDING).map_err(NetworkError::Forwarding)?;
     if now.trim() == "1" {
-        return Ok(false);
+        return Ok(marker.exists());
     }
-    std::fs::write(KNOB, b"1").map_err(NetworkError::Forwarding)?;
+    if let Some(dir) = marker.parent() {
+        std::fs::create_dir_all(dir).map_err(NetworkError::Forwarding)?;
+    }
+    std::fs::write(marker, b"moat-broker turned on net.ipv4.ip_forward\n")
+        .map_err(NetworkError::Forwarding)?;
+    std::fs::write(FORWARDING, b"1").map_err(NetworkError::Forwarding)?;
     Ok(true)
 }
 
 impl Networking {
     /// Installs the firewall and turns on forwarding when the config lets
     /// any sandbox have a NIC; otherwise networking stays off.
-    pub fn start(cfg: &NetworkConfig) -> Result<Self, NetworkError> {
+    pub fn start(cfg: &NetworkConfig, state_dir: &std::path::Path) -> Result<Self, NetworkError> {
         let subnet: Ipv4Net = cfg
             .subnet
             .parse()
@@ -158,8 +174,20 @@ impl Networking {
                 .map(|t| super::nameservers(&t))
                 .unwrap_or_default();
         }
+        let marker = state_dir.join("network/ip_forward-enabled-by-moat");
+        let mut owns_forwarding = None;
         let firewall = if cfg.enabled() {
-            let guard = enable_forwarding()? && cfg.guard_forwarding;
+            if !cfg.conntrack.is_file() {
+                return Err(NetworkError::Config(format!(
+                    "{} is missing: install conntrack (conntrack-tools), or turn networking off with max_scope = \"none\" and max_ports = 0",
+                    cfg.conntrack.display()
+                )));
+            }
+            let owned = enable_forwarding(&marker)?;
+            let guard = owned && cfg.guard_forwarding;
+            if guard {
+                owns_forwarding = Some(marker);
+            }
             let allowed_private = cfg
                 .allowed_private
                 .iter()
@@ -199,14 +227,26 @@ impl Networking {
             firewall,
             upstreams,
             members: Arc::default(),
+            changes: tokio::sync::Mutex::new(()),
+            owns_forwarding,
         })
     }
 
-    /// Removes the firewall table (broker shutdown).
+    /// Removes the firewall table (broker shutdown) and, when this broker
+    /// turned IPv4 forwarding on, turns it off again.
     pub fn shutdown(&self) {
         if let Some(fw) = &self.firewall {
             if let Err(e) = fw.uninstall() {
                 tracing::error!(error = %e, "removing the firewall table");
+            }
+        }
+        if let Some(marker) = &self.owns_forwarding {
+            match std::fs::write(FORWARDING, b"0") {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(marker);
+                    tracing::info!("IPv4 forwarding turned off again");
+                }
+                Err(e) => tracing::error!(error = %e, "turning IPv4 forwarding off"),
             }
         }
     }
@@ -223,6 +263,12 @@ impl Networking {
     ) -> Result<SandboxNetwork, NetworkError> {
         let nic = addressing::for_slot(&self.subnet, &self.cfg.iface_prefix, slot)
             .ok_or(NetworkError::NoAddress(slot))?;
+        // Flows an earlier holder of this address left must not carry over.
+        let conntrack = self.cfg.conntrack.clone();
+        let guest = nic.guest_addr;
+        tokio::task::spawn_blocking(move || super::conntrack::forget(&conntrack, guest))
+            .await
+            .map_err(|e| NetworkError::Config(format!("conntrack task: {e}")))??;
         let tap_fd = tap::create(&nic)?;
         let mut net = SandboxNetwork {
             nic,
@@ -235,16 +281,28 @@ impl Networking {
             _published: Vec::new(),
             in_firewall: false,
         };
-        match self.fill(&mut net).await {
+        let filled = {
+            let _changes = self.changes.lock().await;
+            self.register(&mut net).await
+        };
+        let filled = match filled {
+            Ok(()) => self.serve(&mut net).await,
+            Err(e) => Err(e),
+        };
+        match filled {
             Ok(()) => Ok(net),
             Err(e) => {
-                net.detach(self).await;
+                if let Err(cleanup) = net.detach(self).await {
+                    tracing::error!(%cleanup, "network cleanup after a failed attach");
+                }
                 Err(e)
             }
         }
     }
 
-    async fn fill(&self, net: &mut SandboxNetwork) -> Result<(), NetworkError> {
+    /// Registers the sandbox and adds its firewall elements and group
+    /// pairs (caller holds `changes`).
+    async fn register(&self, net: &mut SandboxNetwork) -> Result<(), NetworkError> {
         let fw_nic = SandboxNic {
             ifname: net.nic.ifname.clone(),
             host_addr: net.nic.host_addr,
@@ -288,6 +346,11 @@ impl Networking {
             .await
             .map_err(|e| NetworkError::Config(format!("firewall task: {e}")))??;
         }
+        Ok(())
+    }
+
+    /// Starts the sandbox's DNS responder and published ports.
+    async fn serve(&self, net: &mut SandboxNetwork) -> Result<(), NetworkError> {
         if net.has_resolver() {
             let addr = SocketAddr::new(net.nic.host_addr.into(), 53);
             let peers = Arc::new(Peers {
@@ -296,8 +359,9 @@ impl Networking {
                 asking: net.name.clone(),
             });
             let forward = net.scope >= Scope::Public;
-            let dns = DnsResponder::bind(
+            let dns = DnsResponder::bind_on(
                 addr,
+                Some(net.nic.ifname.as_str()),
                 peers,
                 self.upstreams.clone(),
                 forward,
@@ -338,12 +402,15 @@ impl Networking {
 }
 
 impl SandboxNetwork {
-    /// Releases the sandbox's ports, resolver, rules and registration. The
-    /// tap disappears with the last fd (the VM process's).
-    pub async fn detach(mut self, networking: &Networking) {
+    /// Releases the sandbox's ports, resolver, rules, registration and
+    /// connection-tracking entries. The tap disappears with the last fd
+    /// (the VM process's). An error means something may be left: the caller
+    /// keeps the slot.
+    pub async fn detach(mut self, networking: &Networking) -> Result<(), NetworkError> {
         self._published.clear();
         self._dns = None;
         self.tap = None;
+        let _changes = networking.changes.lock().await;
         {
             let mut members = networking.members.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(ns) = members.get_mut(&self.namespace) {
@@ -366,14 +433,16 @@ impl SandboxNetwork {
                     guest_addr: self.nic.guest_addr,
                     scope: self.scope,
                 };
-                match tokio::task::spawn_blocking(move || fw.remove(&nic)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "removing a sandbox's firewall rules")
-                    }
-                    Err(e) => tracing::error!(error = %e, "firewall task"),
-                }
+                tokio::task::spawn_blocking(move || fw.remove(&nic))
+                    .await
+                    .map_err(|e| NetworkError::Config(format!("firewall task: {e}")))??;
             }
         }
+        let conntrack = networking.cfg.conntrack.clone();
+        let guest = self.nic.guest_addr;
+        tokio::task::spawn_blocking(move || super::conntrack::forget(&conntrack, guest))
+            .await
+            .map_err(|e| NetworkError::Config(format!("conntrack task: {e}")))??;
+        Ok(())
     }
 }

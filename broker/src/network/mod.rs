@@ -4,6 +4,7 @@
 //! its host-side address (`dns`) and its published ports (`ports`).
 
 pub mod addressing;
+pub mod conntrack;
 pub mod dns;
 pub mod firewall;
 mod manager;

@@ -26,6 +26,9 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
+/// Fail if the interface already exists (never attach to a tap someone
+/// else made persistent).
+const IFF_TUN_EXCL: libc::c_short = 0x8000u16 as libc::c_short;
 
 fn ifreq(name: &str) -> libc::ifreq {
     // SAFETY: `ifreq` is plain old data; all-zero is a valid value.
@@ -74,7 +77,7 @@ pub fn create(nic: &NicAddressing) -> Result<OwnedFd, TapError> {
         .open("/dev/net/tun")
         .map_err(fail("open /dev/net/tun"))?;
     let mut req = ifreq(&nic.ifname);
-    req.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+    req.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL;
     // SAFETY: `tun` is an open /dev/net/tun fd and `req` a valid ifreq that
     // outlives the call; TUNSETIFF reads the name and flags and writes back
     // the name.
@@ -95,6 +98,13 @@ pub fn create(nic: &NicAddressing) -> Result<OwnedFd, TapError> {
             std::fs::write(&ipv6, b"1").map_err(fail("disable IPv6"))?;
         }
     }
+
+    // Answer ARP only for the tap's own address: the guest learns nothing
+    // about the host's other addresses.
+    let arp = std::path::Path::new("/proc/sys/net/ipv4/conf")
+        .join(&nic.ifname)
+        .join("arp_ignore");
+    std::fs::write(&arp, b"1").map_err(fail("arp_ignore"))?;
 
     let sock: OwnedFd = socket(
         AddressFamily::Inet,

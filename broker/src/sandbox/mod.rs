@@ -24,6 +24,9 @@ pub use exec::{CommandRequest, ReplRequest};
 pub use spec::SandboxSpec;
 pub use vm::{LaunchContext, RunningVm};
 
+/// Deepest `depends_on` chain a start follows.
+const MAX_DEPENDENCY_DEPTH: usize = 16;
+
 /// Sandboxes are keyed by namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SandboxKey {
@@ -222,6 +225,12 @@ impl Sandboxes {
                     return Err(BrokerError::InvalidArgument(format!(
                         "depends_on forms a cycle ({}); remove one of these dependencies",
                         cycle.join(" -> ")
+                    )));
+                }
+                if path.len() >= MAX_DEPENDENCY_DEPTH {
+                    return Err(BrokerError::InvalidArgument(format!(
+                        "depends_on chains are limited to {MAX_DEPENDENCY_DEPTH} levels; shorten the chain through {}",
+                        dep.name
                     )));
                 }
                 let Some(next_deps) = edges(&dep) else {

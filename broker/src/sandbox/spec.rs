@@ -472,7 +472,7 @@ mod tests {
     #[test]
     fn ports_are_pairs_in_the_operator_range() {
         let s = spec(SandboxConfig {
-            ports: vec!["8080:8000".into(), "9000:9000".into()],
+            ports: vec!["8080:8000".into(), "8999:9000".into()],
             ..Default::default()
         })
         .unwrap();
@@ -484,7 +484,7 @@ mod tests {
                     container: 8000
                 },
                 PortMapping {
-                    host: 9000,
+                    host: 8999,
                     container: 9000
                 }
             ]
@@ -497,6 +497,7 @@ mod tests {
             ("70000:80", "host:container"),
             ("+80:80", "host:container"),
             ("80:80", "outside the range"),
+            ("9000:80", "outside the range"),
         ] {
             let e = spec(SandboxConfig {
                 ports: vec![p.into()],

@@ -109,7 +109,9 @@ impl VmResources {
     async fn release(mut self, ctx: &LaunchContext) -> Result<(), BrokerError> {
         let mut problems = Vec::new();
         if let Some(net) = self.network.take() {
-            net.detach(&ctx.network).await;
+            if let Err(e) = net.detach(&ctx.network).await {
+                problems.push(format!("network: {e}"));
+            }
         }
         if let Some(cg) = self.cgroup {
             match tokio::task::spawn_blocking(move || cg.remove()).await {

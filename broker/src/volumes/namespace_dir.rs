@@ -49,6 +49,17 @@ pub fn prepare_namespace_dir(
 ) -> Result<(), VolumeError> {
     let fail = |v: &str, what: String| VolumeError::new(v, what);
     let first = volumes.first().map(String::as_str).unwrap_or_default();
+    // Nothing is created for a request the spec check would refuse anyway.
+    if volumes.len() > cfg.max_volumes as usize {
+        return Err(fail(
+            first,
+            format!(
+                "{} volumes given; the limit is {}",
+                volumes.len(),
+                cfg.max_volumes
+            ),
+        ));
+    }
     if namespace.is_empty() || namespace.contains('/') || namespace.starts_with('.') {
         return Err(fail(
             first,
@@ -123,6 +134,10 @@ mod tests {
         assert!(!c.dir.join("team/a").exists(), "deeper paths are not made");
         // Again: existing directories are fine.
         prepare_namespace_dir(&c, "team", &["data:/data".into()]).unwrap();
+        // Over the limit: refused before anything is made.
+        let many: Vec<String> = (0..=c.max_volumes).map(|i| format!("v{i}:/v{i}")).collect();
+        assert!(prepare_namespace_dir(&c, "other", &many).is_err());
+        assert!(!c.dir.join("other").exists());
     }
 
     #[test]

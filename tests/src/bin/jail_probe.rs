@@ -13,6 +13,8 @@
 //! - `namespaces`: `clone3` (answered ENOSYS), then `clone(CLONE_NEWUSER)`
 //!   (outside the allow-list: killed);
 //! - `connect PORT`: a TCP connect (outside the allow-list: killed);
+//! - `tap-persist`: `ioctl(0, TUNSETPERSIST)`, what would make a tap outlive
+//!   its VM (the ioctl allow-list excludes it: killed);
 //! - `forbidden`: `ptrace(PTRACE_TRACEME)` (outside the allow-list: killed);
 //!   also what it does when started with QEMU's arguments, i.e. when a
 //!   broker runs it as its VMM (`[vmm] qemu`).
@@ -171,6 +173,20 @@ fn main() {
             let r = std::net::TcpStream::connect(("127.0.0.1", arg(1).parse().unwrap_or(1)));
             report("tcp-connect", r.map(|_| "connected".into()));
         }
+        "tap-persist" => {
+            report("about-to-tunsetpersist", Ok(String::new()));
+            // SAFETY: an ioctl with an integer argument on fd 0; whatever fd
+            // 0 is, the filter decides on the request number first.
+            let r = unsafe { libc::ioctl(0, 0x4004_54cb, 1) };
+            report(
+                "tunsetpersist",
+                if r < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok("allowed".into())
+                },
+            );
+        }
         mode if mode == "forbidden" || mode.starts_with('-') => {
             report("about-to-ptrace", Ok(String::new()));
             // SAFETY: PTRACE_TRACEME takes no pointers.
@@ -186,7 +202,7 @@ fn main() {
         }
         other => {
             eprintln!(
-                "moat-jail-probe: unknown mode {other:?}; use files, net, namespaces, connect or forbidden"
+                "moat-jail-probe: unknown mode {other:?}; use files, net, namespaces, connect, tap-persist or forbidden"
             );
             std::process::exit(2);
         }
