@@ -8,8 +8,11 @@
 //! can be tested against a temporary directory.
 
 use std::fs::{self, DirBuilder};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
+
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 
 use moat_proto::agent::Mount;
 use nix::mount::{mount, MsFlags};
@@ -173,6 +176,24 @@ pub fn mount_point(root: &Path, m: &Mount) -> Result<PathBuf> {
     Ok(real)
 }
 
+/// Opens the checked mount point `real` again without following any
+/// symlink (`openat2`, `RESOLVE_NO_SYMLINKS`): if something swapped a
+/// component for a link since the check (a peer sharing a parent volume),
+/// this fails instead of mounting elsewhere. `flags` adds to
+/// `O_DIRECTORY | O_CLOEXEC`.
+fn pin(m: &Mount, real: &Path, flags: OFlag) -> Result<OwnedFd> {
+    let how = OpenHow::new()
+        .flags(OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | flags)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    nix::fcntl::openat2(nix::fcntl::AT_FDCWD, real, how)
+        .map_err(|e| bad(m, format!("the mount point changed under us ({e})")))
+}
+
+/// The fd's magic link, to mount onto exactly the pinned directory.
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
 /// Mounts one volume under `root` and, when `owner` is given and the
 /// volume is writable, gives its root directory to `owner`.
 pub fn mount_one(
@@ -183,10 +204,12 @@ pub fn mount_one(
 ) -> Result<()> {
     check(m)?;
     let target = mount_point(root, m)?;
+    let pinned = pin(m, &target, OFlag::O_PATH)?;
+    let at = fd_path(&pinned);
     if m.subdir.is_empty() {
         mount(
             Some(m.tag.as_str()),
-            &target,
+            &at,
             Some(FSTYPE),
             flags(m.read_only),
             Some(options()),
@@ -203,9 +226,10 @@ pub fn mount_one(
                 .mode(0o700)
                 .create(&share)
                 .ctx(|| format!("setup: {}: create the share's mount point", describe(m)))?;
+            let share_dir = pin(m, &share, OFlag::O_PATH)?;
             mount(
                 Some(m.tag.as_str()),
-                &share,
+                &fd_path(&share_dir),
                 Some(FSTYPE),
                 flags(false),
                 Some(options()),
@@ -213,26 +237,36 @@ pub fn mount_one(
             .ctx(|| format!("setup: {}: mount 9p", describe(m)))?;
             shares.push(m.tag.clone());
         }
-        let source = share.join(&m.subdir);
+        let source = pin(m, &share.join(&m.subdir), OFlag::O_PATH)?;
         mount(
-            Some(&source),
-            &target,
+            Some(&fd_path(&source)),
+            &at,
             None::<&str>,
             MsFlags::MS_BIND,
             None::<&str>,
         )
         .ctx(|| format!("setup: {}: bind the volume", describe(m)))?;
+        // The new mount is on top of the pinned directory: reach it by path,
+        // again without following links.
+        let mounted = pin(m, &target, OFlag::O_PATH)?;
         mount(
             None::<&str>,
-            &target,
+            &fd_path(&mounted),
             None::<&str>,
             MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags(m.read_only),
             None::<&str>,
         )
         .ctx(|| format!("setup: {}: set the volume's mount flags", describe(m)))?;
     }
+    drop(pinned);
     if let (Some(id), false) = (owner, m.read_only) {
-        std::os::unix::fs::chown(&target, Some(id.uid), Some(id.gid)).ctx(|| {
+        let root_dir = pin(m, &target, OFlag::O_RDONLY)?;
+        nix::unistd::fchown(
+            &root_dir,
+            Some(nix::unistd::Uid::from_raw(id.uid)),
+            Some(nix::unistd::Gid::from_raw(id.gid)),
+        )
+        .ctx(|| {
             format!(
                 "setup: {}: chown the volume to {}:{}",
                 describe(m),

@@ -554,7 +554,10 @@ impl Firewall {
         line(1, "chain tap_input {");
         line(2, "meta nfproto ipv6 drop");
         line(2, &format!("iifname . ip saddr != @{SET_GUEST_ADDR} drop"));
-        line(2, "ct state established,related accept");
+        // "related" only for ICMP errors: an expectation a conntrack helper
+        // (set up by another table) opened is no way in or out.
+        line(2, "ct state established accept");
+        line(2, "ct state related meta l4proto { icmp } accept");
         // DNS: UDP only (the responder serves nothing else), rate-limited.
         line(
             2,
@@ -611,7 +614,10 @@ impl Firewall {
                 ),
             );
         }
-        line(2, "ct state established,related accept");
+        // "related" only for ICMP errors: an expectation a conntrack helper
+        // (set up by another table) opened is no way in or out.
+        line(2, "ct state established accept");
+        line(2, "ct state related meta l4proto { icmp } accept");
         line(2, "ct state != new drop");
         line(2, &format!("oifname {tap} goto new_to_tap"));
         line(2, "goto new_from_tap");
