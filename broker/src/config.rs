@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::network::firewall::{Ipv4Net, Scope};
+
 /// Errors loading or checking the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -78,12 +80,12 @@ pub struct VolumesConfig {
 pub struct NetworkConfig {
     /// Scope of a sandbox whose config names none: "none", "group",
     /// "public" or "any".
-    pub default_scope: String,
+    pub default_scope: Scope,
     /// Widest scope a caller may ask for.
-    pub max_scope: String,
+    pub max_scope: Scope,
     /// Each sandbox with a NIC gets a /30 of this subnet, by slot; it must
     /// hold 4 addresses per `sandbox_ids.count`.
-    pub subnet: String,
+    pub subnet: Ipv4Net,
     /// Tap devices are named `<iface_prefix><slot>` (1-8 of [a-z0-9]).
     pub iface_prefix: String,
     /// The broker's nftables table (`inet <table>`).
@@ -94,11 +96,12 @@ pub struct NetworkConfig {
     /// deleted with it.
     pub conntrack: PathBuf,
     /// Private ranges (CIDR) that `public` sandboxes may reach anyway.
-    pub allowed_private: Vec<String>,
+    pub allowed_private: Vec<Ipv4Net>,
     /// Upstream resolvers (`ip` or `ip:port`) for sandboxes that may reach
     /// the internet; empty: the `nameserver`s of the host's
     /// /etc/resolv.conf, read at broker start.
-    pub dns_upstreams: Vec<String>,
+    #[serde(deserialize_with = "upstreams")]
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
     /// Connections forwarded from one sandbox at once.
     pub max_connections: u32,
     /// Bytes per second one sandbox may send / receive through the host
@@ -124,9 +127,12 @@ pub struct NetworkConfig {
 impl Default for NetworkConfig {
     fn default() -> Self {
         Self {
-            default_scope: "none".into(),
-            max_scope: "public".into(),
-            subnet: "10.213.0.0/16".into(),
+            default_scope: Scope::None,
+            max_scope: Scope::Public,
+            subnet: Ipv4Net {
+                addr: std::net::Ipv4Addr::new(10, 213, 0, 0),
+                prefix: 16,
+            },
             iface_prefix: "mtap".into(),
             table: "moat".into(),
             nft: PathBuf::from("/usr/sbin/nft"),
@@ -430,59 +436,40 @@ impl Default for CgroupConfig {
     }
 }
 
+/// `dns_upstreams` entries: `ip` (port 53) or `ip:port`.
+fn upstreams<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<std::net::SocketAddr>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|u| {
+            crate::network::parse_upstream(u).ok_or_else(|| {
+                serde::de::Error::custom(format!("{u:?}: give an IP address or ip:port"))
+            })
+        })
+        .collect()
+}
+
 impl NetworkConfig {
-    /// The scope a sandbox gets when its config names none.
-    pub fn default_scope(&self) -> crate::network::firewall::Scope {
-        self.default_scope
-            .parse()
-            .unwrap_or(crate::network::firewall::Scope::None)
-    }
-
-    /// The widest scope a caller may ask for.
-    pub fn max_scope(&self) -> crate::network::firewall::Scope {
-        self.max_scope
-            .parse()
-            .unwrap_or(crate::network::firewall::Scope::None)
-    }
-
     /// Whether this server gives any sandbox a NIC.
     pub fn enabled(&self) -> bool {
-        self.max_scope() != crate::network::firewall::Scope::None || self.max_ports > 0
+        self.max_scope != Scope::None || self.max_ports > 0
     }
 
     fn validate(&self, ids: &IdRange) -> Result<(), String> {
-        use crate::network::firewall::{Ipv4Net, Scope};
-        let scope = |field: &str, v: &str| {
-            v.parse::<Scope>().map_err(|_| {
-                format!("network.{field} {v:?}: use \"none\", \"group\", \"public\" or \"any\"")
-            })
-        };
-        let default = scope("default_scope", &self.default_scope)?;
-        let max = scope("max_scope", &self.max_scope)?;
+        let (default, max) = (self.default_scope, self.max_scope);
         if default > max {
             return Err(format!(
                 "network.default_scope {default} is wider than network.max_scope {max}"
             ));
         }
-        let subnet: Ipv4Net = self
-            .subnet
-            .parse()
-            .map_err(|e| format!("network.subnet {:?}: {e}", self.subnet))?;
+        let subnet = self.subnet;
         if crate::network::addressing::capacity(&subnet) < u64::from(ids.count) {
             return Err(format!(
                 "network.subnet {subnet} has room for {} sandboxes but sandbox_ids.count is {}: use a larger subnet (4 addresses per sandbox) or fewer ids",
                 crate::network::addressing::capacity(&subnet),
                 ids.count
             ));
-        }
-        for cidr in &self.allowed_private {
-            cidr.parse::<Ipv4Net>()
-                .map_err(|e| format!("network.allowed_private {cidr:?}: {e}"))?;
-        }
-        for up in &self.dns_upstreams {
-            crate::network::parse_upstream(up).ok_or_else(|| {
-                format!("network.dns_upstreams {up:?}: give an IP address or ip:port")
-            })?;
         }
         let max_slot_len = ids.count.saturating_sub(1).to_string().len();
         if self.iface_prefix.is_empty()

@@ -87,7 +87,8 @@ fn public_reaches_the_internet_but_not_metadata_the_host_or_private_ranges() {
         let out = py(&s, "default", "web", &fetch(&url));
         assert!(out.starts_with("FAILED"), "{what} reached: {out}");
     }
-    assert!(!metadata.marker.is_empty() && !private.marker.is_empty());
+    // Both hosts answered the host itself when they started (TestHost
+    // waits for that), so the failures above are the guest's policy.
 
     // The host's own services: the gateway's port on every host address.
     let port = s.url.rsplit(':').next().unwrap().to_string();
@@ -112,13 +113,6 @@ fn public_reaches_the_internet_but_not_metadata_the_host_or_private_ranges() {
             "host service reached via {addr}: {out}"
         );
     }
-    // Even after the guest re-points its own routes.
-    let r = s.run(
-        "web",
-        "/bin/sh",
-        &["-c", "ip route 2>/dev/null; cat /proc/net/route | wc -l"],
-    );
-    assert!(r["exit_code"] == 0, "{r}");
 
     // Scope wider than the operator allows.
     let (code, message) = s.err(
@@ -129,6 +123,7 @@ fn public_reaches_the_internet_but_not_metadata_the_host_or_private_ranges() {
     assert!(message.contains("at most public"), "{message}");
     stop(&s, "default", "web");
     s.assert_no_leftovers();
+    drop((internet, metadata, private));
 }
 
 #[test]
@@ -195,11 +190,11 @@ fn none_has_no_nic_and_group_reaches_only_its_namespace_by_name() {
         out.starts_with("FAILED"),
         "group reaches the internet: {out}"
     );
-    assert!(!internet.marker.is_empty());
     for (ns, name) in [("na", "a"), ("na", "b"), ("nb", "c")] {
         stop(&s, ns, name);
     }
     s.assert_no_leftovers();
+    drop(internet);
 }
 
 #[test]

@@ -421,24 +421,13 @@ struct Config {
 
 impl DnsResponder {
     /// Binds `listen` (the host side of the sandbox's /30, port 53) and
-    /// starts answering. `upstreams` are tried in order for names that are
-    /// not peers when `forward` is set; with `forward` set and no upstreams
-    /// those names get SERVFAIL.
+    /// starts answering. When `device` is set the socket only receives what
+    /// arrives on that interface (`SO_BINDTODEVICE`): a sandbox's responder
+    /// answers its own tap, not the host's other networks or local users.
+    /// `upstreams` are tried in order for names that are not peers when
+    /// `forward` is set; with `forward` set and no upstreams those names get
+    /// SERVFAIL.
     pub async fn bind(
-        listen: SocketAddr,
-        peers: Arc<dyn PeerLookup>,
-        upstreams: Vec<SocketAddr>,
-        forward: bool,
-        limits: DnsLimits,
-    ) -> io::Result<Self> {
-        Self::bind_on(listen, None, peers, upstreams, forward, limits).await
-    }
-
-    /// As [`DnsResponder::bind`], and when `device` is set the socket only
-    /// receives what arrives on that interface (`SO_BINDTODEVICE`): a
-    /// sandbox's responder answers its own tap, not the host's other
-    /// networks or local users.
-    pub async fn bind_on(
         listen: SocketAddr,
         device: Option<&str>,
         peers: Arc<dyn PeerLookup>,
@@ -952,6 +941,7 @@ mod tests {
     ) -> DnsResponder {
         DnsResponder::bind(
             "127.0.0.1:0".parse().unwrap(),
+            None,
             Arc::new(peers()),
             upstreams,
             forward,

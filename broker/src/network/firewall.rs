@@ -106,6 +106,24 @@ impl fmt::Display for Scope {
     }
 }
 
+/// Config files name a scope or a network as a string; parsed on load.
+macro_rules! deserialize_from_str {
+    ($t:ty) => {
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                text.parse().map_err(|e| match e {
+                    FirewallError::Invalid(reason) => serde::de::Error::custom(reason),
+                    other => serde::de::Error::custom(other),
+                })
+            }
+        }
+    };
+}
+
+deserialize_from_str!(Scope);
+deserialize_from_str!(Ipv4Net);
+
 impl FromStr for Scope {
     type Err = FirewallError;
 

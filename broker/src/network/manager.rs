@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::addressing::{self, NicAddressing};
 use super::dns::{DnsLimits, DnsResponder, PeerLookup};
-use super::firewall::{Firewall, FirewallConfig, Ipv4Net, SandboxNic, Scope};
+use super::firewall::{Firewall, FirewallConfig, SandboxNic, Scope};
 use super::ports::{PortError, PortLimits, PublishedPort};
 use super::tap;
 use crate::config::NetworkConfig;
@@ -69,7 +69,6 @@ type Registry = Arc<Mutex<BTreeMap<String, BTreeMap<String, Member>>>>;
 #[derive(Debug)]
 pub struct Networking {
     cfg: NetworkConfig,
-    subnet: Ipv4Net,
     firewall: Option<Arc<Firewall>>,
     upstreams: Vec<SocketAddr>,
     members: Registry,
@@ -97,6 +96,16 @@ pub struct SandboxNetwork {
 }
 
 impl SandboxNetwork {
+    /// What the firewall knows of this sandbox.
+    fn firewall_nic(&self) -> SandboxNic {
+        SandboxNic {
+            ifname: self.nic.ifname.clone(),
+            host_addr: self.nic.host_addr,
+            guest_addr: self.nic.guest_addr,
+            scope: self.scope,
+        }
+    }
+
     /// The tap fd, for the VM process (once).
     pub fn take_tap(&mut self) -> Option<OwnedFd> {
         self.tap.take()
@@ -160,15 +169,7 @@ impl Networking {
     /// Installs the firewall and turns on forwarding when the config lets
     /// any sandbox have a NIC; otherwise networking stays off.
     pub fn start(cfg: &NetworkConfig, state_dir: &std::path::Path) -> Result<Self, NetworkError> {
-        let subnet: Ipv4Net = cfg
-            .subnet
-            .parse()
-            .map_err(|e| NetworkError::Config(format!("subnet {:?}: {e}", cfg.subnet)))?;
-        let mut upstreams: Vec<SocketAddr> = cfg
-            .dns_upstreams
-            .iter()
-            .filter_map(|u| super::parse_upstream(u))
-            .collect();
+        let mut upstreams = cfg.dns_upstreams.clone();
         if upstreams.is_empty() {
             upstreams = std::fs::read_to_string("/etc/resolv.conf")
                 .map(|t| super::nameservers(&t))
@@ -188,19 +189,13 @@ impl Networking {
             if guard {
                 owns_forwarding = Some(marker);
             }
-            let allowed_private = cfg
-                .allowed_private
-                .iter()
-                .map(|c| c.parse::<Ipv4Net>())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| NetworkError::Config(format!("allowed_private: {e}")))?;
             let fw = Firewall::new(
                 cfg.nft.clone(),
                 FirewallConfig {
                     table: cfg.table.clone(),
                     iface_prefix: cfg.iface_prefix.clone(),
-                    subnet,
-                    allowed_private,
+                    subnet: cfg.subnet,
+                    allowed_private: cfg.allowed_private.clone(),
                     max_connections: cfg.max_connections,
                     egress_bytes_per_sec: cfg.egress_bytes_per_sec,
                     ingress_bytes_per_sec: cfg.ingress_bytes_per_sec,
@@ -210,7 +205,7 @@ impl Networking {
             fw.install()?;
             tracing::info!(
                 table = %cfg.table,
-                %subnet,
+                subnet = %cfg.subnet,
                 max_scope = %cfg.max_scope,
                 upstreams = ?upstreams,
                 guard_forwarding = guard,
@@ -223,7 +218,6 @@ impl Networking {
         };
         Ok(Self {
             cfg: cfg.clone(),
-            subnet,
             firewall,
             upstreams,
             members: Arc::default(),
@@ -261,7 +255,7 @@ impl Networking {
         scope: Scope,
         ports: &[PortMapping],
     ) -> Result<SandboxNetwork, NetworkError> {
-        let nic = addressing::for_slot(&self.subnet, &self.cfg.iface_prefix, slot)
+        let nic = addressing::for_slot(&self.cfg.subnet, &self.cfg.iface_prefix, slot)
             .ok_or(NetworkError::NoAddress(slot))?;
         // Flows an earlier holder of this address left must not carry over.
         let conntrack = self.cfg.conntrack.clone();
@@ -303,12 +297,7 @@ impl Networking {
     /// Registers the sandbox and adds its firewall elements and group
     /// pairs (caller holds `changes`).
     async fn register(&self, net: &mut SandboxNetwork) -> Result<(), NetworkError> {
-        let fw_nic = SandboxNic {
-            ifname: net.nic.ifname.clone(),
-            host_addr: net.nic.host_addr,
-            guest_addr: net.nic.guest_addr,
-            scope: net.scope,
-        };
+        let fw_nic = net.firewall_nic();
         // Peers to pair with, and the registration, under one lock so two
         // concurrent starts in a namespace see each other.
         let peers: Vec<String> = {
@@ -359,7 +348,7 @@ impl Networking {
                 asking: net.name.clone(),
             });
             let forward = net.scope >= Scope::Public;
-            let dns = DnsResponder::bind_on(
+            let dns = DnsResponder::bind(
                 addr,
                 Some(net.nic.ifname.as_str()),
                 peers,
@@ -427,12 +416,7 @@ impl SandboxNetwork {
         }
         if self.in_firewall {
             if let Some(fw) = networking.firewall.clone() {
-                let nic = SandboxNic {
-                    ifname: self.nic.ifname.clone(),
-                    host_addr: self.nic.host_addr,
-                    guest_addr: self.nic.guest_addr,
-                    scope: self.scope,
-                };
+                let nic = self.firewall_nic();
                 tokio::task::spawn_blocking(move || fw.remove(&nic))
                     .await
                     .map_err(|e| NetworkError::Config(format!("firewall task: {e}")))??;

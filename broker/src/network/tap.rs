@@ -87,16 +87,12 @@ pub fn create(nic: &NicAddressing) -> Result<OwnedFd, TapError> {
     }
     let tun = OwnedFd::from(tun);
 
-    if let Some(ipv6) = std::path::Path::new("/proc/sys/net/ipv6/conf")
+    let ipv6 = std::path::Path::new("/proc/sys/net/ipv6/conf")
         .join(&nic.ifname)
-        .join("disable_ipv6")
-        .to_str()
-        .map(str::to_owned)
-    {
-        // Absent when the host has no IPv6; nothing to disable then.
-        if std::path::Path::new(&ipv6).exists() {
-            std::fs::write(&ipv6, b"1").map_err(fail("disable IPv6"))?;
-        }
+        .join("disable_ipv6");
+    // Absent when the host has no IPv6; nothing to disable then.
+    if ipv6.exists() {
+        std::fs::write(&ipv6, b"1").map_err(fail("disable IPv6"))?;
     }
 
     // Answer ARP only for the tap's own address: the guest learns nothing

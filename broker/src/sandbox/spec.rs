@@ -197,9 +197,9 @@ impl SandboxSpec {
 }
 
 fn check_scope(asked: Option<&str>, cfg: &NetworkConfig) -> Result<Scope, SpecError> {
-    let max = cfg.max_scope();
+    let max = cfg.max_scope;
     let scope = match asked {
-        None => cfg.default_scope(),
+        None => cfg.default_scope,
         Some(s) => s.parse::<Scope>().map_err(|_| {
             SpecError(format!(
                 "scope {s:?} is not one of \"none\", \"group\", \"public\", \"any\""

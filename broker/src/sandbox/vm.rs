@@ -235,6 +235,11 @@ pub async fn launch(
         _namespace_permit: namespace_permit,
     };
     let booted = async {
+        if !spec.volumes.is_empty() && ctx.jail_mode == JailMode::Unjailed {
+            return Err(BrokerError::InvalidArgument(
+                "volumes need the jail, and this server runs development_unjailed; remove config.volumes".into(),
+            ));
+        }
         let volumes = open_volumes(ctx, namespace, &spec)?;
         if spec.has_nic() {
             let attach_started = Instant::now();
@@ -383,11 +388,6 @@ async fn boot(
     let mut shares = Vec::new();
     let mut volume_binds = Vec::new();
     if !volumes.is_empty() {
-        if ctx.jail_mode == JailMode::Unjailed {
-            return Err(BrokerError::InvalidArgument(
-                "volumes need the jail, and this server runs development_unjailed; remove config.volumes".into(),
-            ));
-        }
         shares.push(crate::vmm::VmShare {
             path: PathBuf::from(VOLUMES_INSIDE),
             tag: VOLUMES_TAG.into(),
@@ -495,7 +495,9 @@ async fn boot(
             .await
             {
                 Ok(()) => Ok((agent, hello)),
-                Err(e) => Err(format!("sandbox setup (scripts, exec) failed: {e}")),
+                Err(e) => Err(format!(
+                    "sandbox setup (volumes, network, scripts, exec) failed: {e}"
+                )),
             }
         }
         Err(e) => Err(e),
