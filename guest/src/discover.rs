@@ -47,7 +47,7 @@ fn read_attr(path: &Path) -> Result<Option<String>> {
 }
 
 /// Entries of `dir` (sorted by name); a missing directory is empty.
-fn entries(dir: &Path) -> Result<Vec<String>> {
+pub(crate) fn entries(dir: &Path) -> Result<Vec<String>> {
     let iter = match fs::read_dir(dir) {
         Ok(iter) => iter,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),

@@ -193,30 +193,12 @@ fn read_attr(path: &Path) -> Option<String> {
     fs::read_to_string(path).ok().map(|s| s.trim().to_owned())
 }
 
-/// Interface names under `sys_net`, sorted; a missing directory is empty.
-fn interfaces(sys_net: &Path) -> Result<Vec<String>> {
-    let iter = match fs::read_dir(sys_net) {
-        Ok(iter) => iter,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).ctx(|| format!("list {}", sys_net.display())),
-    };
-    let mut names = Vec::new();
-    for entry in iter {
-        let entry = entry.ctx(|| format!("list {}", sys_net.display()))?;
-        if let Some(name) = entry.file_name().to_str() {
-            names.push(name.to_owned());
-        }
-    }
-    names.sort();
-    Ok(names)
-}
-
 /// The interface under `sys_net` (e.g. `/sys/class/net`) whose `address`
 /// is `mac` (compared case-insensitively). Two matches are a configuration
 /// error.
 pub fn find_interface(sys_net: &Path, mac: &str) -> Result<Option<String>> {
     let mut found: Option<String> = None;
-    for name in interfaces(sys_net)? {
+    for name in crate::discover::entries(sys_net)? {
         let Some(addr) = read_attr(&sys_net.join(&name).join("address")) else {
             continue;
         };
@@ -241,7 +223,7 @@ fn wait_interface(sys_net: &Path, mac: &str, wait: Duration) -> Result<String> {
             return Ok(name);
         }
         if Instant::now() >= deadline {
-            let seen = interfaces(sys_net)?.join(", ");
+            let seen = crate::discover::entries(sys_net)?.join(", ");
             return Err(AgentError::Missing(format!(
                 "setup: network: no interface with MAC {mac} in {} (found: {seen})",
                 sys_net.display()
