@@ -4,7 +4,11 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    for file in ["proto/agent.proto", "proto/broker.proto"] {
+    for file in [
+        "proto/agent.proto",
+        "proto/broker.proto",
+        "proto/state.proto",
+    ] {
         println!("cargo:rerun-if-changed={file}");
     }
 
@@ -12,6 +16,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     prost_build::Config::new()
         .out_dir(&out_dir)
         .compile_fds(agent)?;
+
+    // Before broker.proto, whose generated file (with the gRPC service when
+    // enabled) must be the last one written.
+    let state = protox::compile(["state.proto"], ["proto"])?;
+    prost_build::Config::new()
+        .out_dir(&out_dir)
+        .extern_path(".moat.broker.v1", "crate::broker")
+        .compile_fds(state)?;
 
     let broker = protox::compile(["broker.proto"], ["proto"])?;
     if std::env::var_os("CARGO_FEATURE_GRPC").is_some() {

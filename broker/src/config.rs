@@ -50,9 +50,31 @@ pub struct BrokerConfig {
     pub jail: JailConfig,
     pub volumes: VolumesConfig,
     pub network: NetworkConfig,
+    pub lifecycle: LifecycleConfig,
     /// Per registry host (`"ghcr.io"`, `"127.0.0.1:5000"`): plain HTTP
     /// allowed, credentials.
     pub registries: BTreeMap<String, crate::images::registry::RegistryConfig>,
+}
+
+/// What happens to sandboxes when the broker itself stops and restarts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    /// At SIGTERM, stop every sandbox (true) or leave the VMs running for
+    /// the next broker to re-adopt (false, the default).
+    pub stop_sandboxes_on_shutdown: bool,
+    /// After SIGTERM, how long calls in flight may take to finish before
+    /// they are failed and the broker exits.
+    pub shutdown_grace_secs: u32,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            stop_sandboxes_on_shutdown: false,
+            shutdown_grace_secs: 30,
+        }
+    }
 }
 
 /// Where volume host paths may come from (`config.volumes`).
@@ -344,6 +366,7 @@ impl Default for BrokerConfig {
             jail: JailConfig::default(),
             volumes: VolumesConfig::default(),
             network: NetworkConfig::default(),
+            lifecycle: LifecycleConfig::default(),
             registries: BTreeMap::new(),
         }
     }
@@ -561,6 +584,12 @@ impl BrokerConfig {
         }
         if !self.state_dir.is_absolute() {
             return bad(format!("state_dir {:?} must be absolute", self.state_dir));
+        }
+        if self.lifecycle.shutdown_grace_secs > 3600 {
+            return bad(format!(
+                "lifecycle.shutdown_grace_secs = {} is over an hour; use at most 3600",
+                self.lifecycle.shutdown_grace_secs
+            ));
         }
         if let Some(socket_dir) = self.socket.parent() {
             if self.state_dir.starts_with(socket_dir) {

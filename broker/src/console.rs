@@ -1,6 +1,7 @@
-//! The VM's serial console: read from the VM process's stdout into a bounded
-//! ring buffer, so a guest that prints without end costs a fixed amount of
-//! broker memory, and a failed boot can quote the console's last lines.
+//! The VM's serial console: read from the socket the VMM serves it on (and
+//! from the VM process's stderr) into a bounded ring buffer, so a guest that
+//! prints without end costs a fixed amount of broker memory, and a failed
+//! boot can quote the console's last lines.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -39,6 +40,29 @@ impl ConsoleLog {
             .collect();
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         lines[lines.len().saturating_sub(max_lines)..].join("\n")
+    }
+
+    /// Connects to the VMM's console socket (waiting for it to appear until
+    /// `deadline`) and copies it into the log from then on.
+    pub async fn attach(
+        &self,
+        socket: &std::path::Path,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), String> {
+        let stream = loop {
+            match tokio::net::UnixStream::connect(socket).await {
+                Ok(s) => break s,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(format!(
+                        "cannot connect to the console {}: {e}",
+                        socket.display()
+                    ))
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+            }
+        };
+        tokio::spawn(self.clone().follow(stream));
+        Ok(())
     }
 
     /// Copies `reader` into the log until EOF.

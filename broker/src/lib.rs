@@ -24,5 +24,6 @@ pub mod sandbox;
 pub mod server;
 pub mod service;
 pub mod slots;
+pub mod state;
 pub mod vmm;
 pub mod volumes;

@@ -1,6 +1,9 @@
 //! `moat-broker`: loads and checks its config, prepares the boot files,
-//! removes leftovers of an earlier run, then serves gRPC until SIGTERM/SIGINT,
-//! when it stops every sandbox before exiting.
+//! reads its durable state (re-adopting the VMs an earlier run left running,
+//! cleaning everything else that run left), then serves gRPC until
+//! SIGTERM/SIGINT. Then it refuses new work, gives calls in flight
+//! `lifecycle.shutdown_grace_secs`, and leaves the VMs for the next broker
+//! (or stops them, `lifecycle.stop_sandboxes_on_shutdown`).
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -123,7 +126,10 @@ async fn run(config: BrokerConfig) -> Result<()> {
     };
     let cgroups = CgroupManager::detect(&config.cgroups.root, &config.cgroups.parent)?;
     let cgroups = with_io_limits(cgroups, &config);
-    sweep_leftovers(&cgroups, &config.state_dir.join("vms"));
+    let state = Arc::new(
+        moat_broker::state::StateStore::open(&config.state_dir)
+            .context("sandbox state (state_dir)")?,
+    );
 
     let store = moat_broker::images::Store::open(&config.images.store)?;
     store.recover()?;
@@ -154,8 +160,24 @@ async fn run(config: BrokerConfig) -> Result<()> {
         jail_mode,
         images,
         network,
+        state: state.clone(),
     };
     let sandboxes = Arc::new(Sandboxes::new(ctx));
+    let (records, unreadable) = state.load_all();
+    for e in unreadable {
+        tracing::error!(error = %e, "sandbox record set aside (renamed *.unreadable)");
+    }
+    let recovery_started = std::time::Instant::now();
+    let defined = records.len();
+    let adopted = sandboxes.recover(records).await;
+    tracing::info!(
+        defined,
+        adopted = adopted.len(),
+        ms = recovery_started.elapsed().as_millis() as u64,
+        "state recovered"
+    );
+    sweep_leftovers(sandboxes.context(), &adopted);
+
     let service = BrokerService::new(sandboxes.clone(), vmm.describe());
 
     let listener = server::bind(&config.socket, config.gateway_gid)?;
@@ -163,19 +185,31 @@ async fn run(config: BrokerConfig) -> Result<()> {
     let incoming = server::authorized_connections(listener, config.gateway_uid);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let draining = sandboxes.clone();
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        tracing::info!("shutting down: stopping sandboxes");
+        tracing::info!("shutting down: no new calls; finishing the ones in flight");
+        draining.refuse_new_work();
+        let _ = signalled_tx.send(());
     };
-    tonic::transport::Server::builder()
+    let grace = std::time::Duration::from_secs(u64::from(config.lifecycle.shutdown_grace_secs));
+    let server = tonic::transport::Server::builder()
         .add_service(BrokerServer::new(service))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .context("gRPC server")?;
-    sandboxes.stop_all().await;
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    tokio::select! {
+        served = server => served.context("gRPC server")?,
+        _ = async {
+            let _ = signalled_rx.await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!(?grace, "calls still in flight after lifecycle.shutdown_grace_secs: failing them"),
+    }
+    sandboxes
+        .shutdown(config.lifecycle.stop_sandboxes_on_shutdown)
+        .await;
     let _ = std::fs::remove_file(&config.socket);
     tracing::info!("broker stopped");
     Ok(())
@@ -200,17 +234,32 @@ fn write_initramfs(agent: &Path, dir: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// VMs do not outlive the broker (parent-death signal); what an earlier run
-/// left behind (cgroups, VM directories) is removed before serving.
-fn sweep_leftovers(cgroups: &CgroupManager, vms_dir: &Path) {
-    for (name, cg) in cgroups.leftovers() {
+/// Removes what an earlier run left behind and no re-adopted VM uses:
+/// cgroups (killing what is in them), VM directories and jail roots.
+fn sweep_leftovers(ctx: &LaunchContext, adopted: &[u32]) {
+    let kept = |name: &str| {
+        name.strip_prefix("vm-")
+            .unwrap_or(name)
+            .parse::<u32>()
+            .is_ok_and(|slot| adopted.contains(&slot))
+    };
+    for (name, cg) in ctx.cgroups.leftovers() {
+        if kept(&name) {
+            continue;
+        }
         match cg.remove() {
             Ok(()) => tracing::warn!(cgroup = %name, "removed leftover cgroup of an earlier run"),
             Err(e) => tracing::error!(cgroup = %name, error = %e, "cannot remove leftover cgroup"),
         }
     }
-    if let Ok(entries) = std::fs::read_dir(vms_dir) {
+    for dir in [ctx.vms_dir(), ctx.jails_dir()] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in entries.flatten() {
+            if kept(&e.file_name().to_string_lossy()) {
+                continue;
+            }
             match std::fs::remove_dir_all(e.path()) {
                 Ok(()) => {
                     tracing::warn!(dir = %e.path().display(), "removed leftover VM directory")

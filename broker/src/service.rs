@@ -68,7 +68,10 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let req = req.into_inner();
         let key = SandboxKey::from_ref(req.sandbox.as_ref()).map_err(Status::from)?;
-        let r = self.sandboxes.start(&key, req.config.as_ref()).await;
+        let r = self
+            .sandboxes
+            .start(&key, req.config.as_ref(), &key_id(req.caller.as_ref()))
+            .await;
         let started_vm = logged("start", &key, req.caller.as_ref(), started, r)?;
         Ok(Response::new(StartSandboxReply {
             started: started_vm,

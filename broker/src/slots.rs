@@ -40,6 +40,19 @@ impl SlotAllocator {
         })
     }
 
+    /// Takes slot `index` (a re-adopted VM's), or `None` when it is out of
+    /// range or already in use.
+    pub fn claim(&self, index: u32) -> Option<Slot> {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        if index >= self.count || !used.insert(index) {
+            return None;
+        }
+        Some(Slot {
+            index,
+            uid: self.base + index,
+        })
+    }
+
     pub fn release(&self, slot: Slot) {
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
         used.remove(&slot.index);
@@ -60,5 +73,9 @@ mod tests {
         assert!(a.take().is_none());
         a.release(s0);
         assert_eq!(a.take().unwrap(), s0);
+        a.release(s1);
+        assert_eq!(a.claim(1), Some(s1));
+        assert_eq!(a.claim(1), None, "already in use");
+        assert_eq!(a.claim(2), None, "out of range");
     }
 }

@@ -1,7 +1,10 @@
 //! `moat server start`: supervises moat-broker and moat-gateway. Both run in
-//! their own process groups; the CLI forwards SIGINT/SIGTERM to them, waits
-//! for the broker to stop its sandboxes (bounded), and stops the survivor if
-//! either one dies. Without `--dev` the gateway requires API keys: the CLI
+//! their own process groups; the CLI forwards SIGINT/SIGTERM to them and
+//! waits for the broker to finish (bounded). A broker that crashes (killed,
+//! or a failure exit) is started again with backoff, like systemd's
+//! `Restart=on-failure`: it re-adopts the running sandboxes, and the gateway
+//! reconnects. If the gateway dies, or the broker exits cleanly or keeps
+//! crashing, the survivor is stopped. Without `--dev` the gateway requires API keys: the CLI
 //! creates the signing secret at first start (mode 0600, owned by the
 //! gateway's user) and hands the gateway its config file. Also the
 //! `keygen` / `revoke` subcommands (`crate::keys`).
@@ -126,23 +129,8 @@ fn start(args: StartArgs) -> Result<()> {
     signals.thread_block()?;
 
     eprintln!("moat: starting broker ({})", broker_bin.display());
-    let _ = std::fs::remove_file(&config.socket);
-    let mut broker = supervised(
-        Command::new(&broker_bin)
-            .arg("--config")
-            .arg(&args.broker_config),
-    )
-    .spawn()
-    .context("starting moat-broker")?;
-    let ready = wait_until(
-        Duration::from_secs(30),
-        || socket_ready(&config.socket),
-        &mut broker,
-    );
-    if let Err(e) = ready {
-        stop(&mut broker, "broker", Duration::from_secs(10));
-        return Err(e.context("the broker did not come up"));
-    }
+    let mut broker = start_broker(&broker_bin, &args.broker_config, &config.socket)?;
+    let mut crashes = Crashes::default();
 
     eprintln!(
         "moat: starting gateway on http://{listen} as uid {} ({})",
@@ -194,8 +182,23 @@ fn start(args: StartArgs) -> Result<()> {
             }
             _ => {
                 if let Ok(Some(st)) = broker.try_wait() {
-                    eprintln!("moat: broker exited ({st}); stopping the gateway");
-                    break 1;
+                    if st.success() {
+                        eprintln!("moat: broker exited ({st}); stopping the gateway");
+                        break 1;
+                    }
+                    let Some(delay) = crashes.next_delay() else {
+                        eprintln!("moat: broker exited ({st}) {MAX_CRASHES} times in a row; stopping the gateway");
+                        break 1;
+                    };
+                    eprintln!("moat: broker exited ({st}); starting it again in {delay:?} (it re-adopts the running sandboxes)");
+                    std::thread::sleep(delay);
+                    match start_broker(&broker_bin, &args.broker_config, &config.socket) {
+                        Ok(b) => broker = b,
+                        Err(e) => {
+                            eprintln!("moat: {e:#}; stopping the gateway");
+                            break 1;
+                        }
+                    }
                 }
                 if let Ok(Some(st)) = gateway.try_wait() {
                     eprintln!("moat: gateway exited ({st}); stopping the broker");
@@ -212,6 +215,49 @@ fn start(args: StartArgs) -> Result<()> {
     );
     eprintln!("moat: stopped");
     std::process::exit(code);
+}
+
+/// Starts the broker and waits for its socket.
+fn start_broker(bin: &Path, config_file: &Path, socket: &Path) -> Result<Child> {
+    // A socket left by a crashed broker must not read as ready.
+    let _ = std::fs::remove_file(socket);
+    let mut broker = supervised(Command::new(bin).arg("--config").arg(config_file))
+        .spawn()
+        .context("starting moat-broker")?;
+    // Re-adopting many sandboxes takes a while: be patient.
+    if let Err(e) = wait_until(
+        Duration::from_secs(120),
+        || socket_ready(socket),
+        &mut broker,
+    ) {
+        stop(&mut broker, "broker", Duration::from_secs(10));
+        return Err(e.context("the broker did not come up"));
+    }
+    Ok(broker)
+}
+
+/// Broker crashes in a row (one that ran a minute is not "in a row").
+const MAX_CRASHES: u32 = 5;
+
+#[derive(Default)]
+struct Crashes {
+    count: u32,
+    last: Option<Instant>,
+}
+
+impl Crashes {
+    /// How long to wait before the next start, or `None` to give up.
+    fn next_delay(&mut self) -> Option<Duration> {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() > Duration::from_secs(60))
+        {
+            self.count = 0;
+        }
+        self.last = Some(Instant::now());
+        self.count += 1;
+        (self.count <= MAX_CRASHES).then(|| Duration::from_millis(250 << (self.count - 1)))
+    }
 }
 
 /// Prepares a child of the supervisor: its own process group (Ctrl-C in the

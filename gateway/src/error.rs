@@ -238,6 +238,13 @@ pub fn from_status(status: &tonic::Status, broker_socket: &Path) -> RpcError {
             broker_socket.display(),
             connection_cause(status)
         )),
+        // The connection broke while the call was in flight (the broker
+        // crashed or restarted): whatever the code, it is the broker being
+        // away, and the call's effect is unknown.
+        _ if is_transport_failure(status) => RpcError::unavailable(format!(
+            "the connection to the broker broke during the call ({}): it restarted or stopped; the call may or may not have taken effect: check with sandbox.metrics.get, then retry",
+            connection_cause(status)
+        )),
         Code::Unavailable => RpcError::unavailable(format!(
             "broker unavailable (shutting down or restarting): {}; retry later",
             broker_message()

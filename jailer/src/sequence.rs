@@ -9,13 +9,14 @@
 //!    still in the host's mount namespace);
 //! 4. new mount, PID, IPC, UTS and network namespaces;
 //! 5. fork: the child is PID 1 of the new PID namespace; the parent drops to
-//!    the sandbox's ids, waits for it and exits with its status;
+//!    the sandbox's ids, waits for it and exits with its status (it does not
+//!    die with the broker: VMs survive broker restarts and are re-adopted);
 //! 6. child: build the jail root (tmpfs, read-only binds of what the VMM
 //!    needs, device nodes, /proc) and `pivot_root` into it; hostname;
 //! 7. rlimits (open files, file size, processes, no core dumps);
 //! 8. drop every capability from the bounding set, then supplementary
 //!    groups, gid and uid (real, effective, saved); clear ambient caps;
-//! 9. `no_new_privs`; parent-death SIGKILL;
+//! 9. `no_new_privs`; parent-death SIGKILL (the VM dies with its waiter);
 //! 10. seccomp filters (allow-list compiled from `seccomp/*.json`);
 //! 11. exec the VMM with an empty environment.
 
@@ -87,16 +88,11 @@ fn steps(spec: &JailSpec) -> Result<std::convert::Infallible, JailError> {
                 unsafe { libc::close(*fd) };
             }
             drop(volumes);
-            let broker = nix::unistd::getppid();
+            // This waiter outlives the broker on purpose: a restarted
+            // broker re-adopts it (by pid, start time and cgroup). The VM
+            // process dies with it (its parent-death signal, step 9).
             privileges::drop_ids(spec)?;
             privileges::no_new_privs()?;
-            // The uid change cleared the parent-death signal the broker set:
-            // set it again, so this waiter (and with it the VM) dies with
-            // the broker.
-            privileges::die_with_parent()?;
-            if nix::unistd::getppid() != broker {
-                privileges::die_by(nix::sys::signal::Signal::SIGKILL);
-            }
             loop {
                 match waitpid(child, None) {
                     Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),

@@ -2,6 +2,7 @@
 //!
 //! - [`broker`]: the gRPC service between gateway and broker (with the `grpc`
 //!   feature, also the tonic client and server).
+//! - [`state`]: the broker's durable sandbox records.
 //! - [`agent`]: the frames between broker and guest agent, and [`frame`], the
 //!   length-prefixed codec both sides use.
 
@@ -12,6 +13,14 @@ pub mod names;
 /// Broker <-> gateway messages (package `moat.broker.v1`).
 pub mod broker {
     include!(concat!(env!("OUT_DIR"), "/moat.broker.v1.rs"));
+}
+
+/// The broker's durable per-sandbox records (package `moat.state.v1`).
+pub mod state {
+    include!(concat!(env!("OUT_DIR"), "/moat.state.v1.rs"));
+
+    /// Layout version of [`SandboxRecord`] this build writes and reads.
+    pub const RECORD_FORMAT: u32 = 1;
 }
 
 /// Broker <-> guest agent messages (package `moat.agent.v1`).

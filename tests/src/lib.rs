@@ -91,6 +91,11 @@ pub struct Options {
     /// Extra lines for the broker's `[volumes]` table (the harness sets
     /// `dir` to `volumes/` in the server's temp dir).
     pub volumes_toml: String,
+    /// Extra lines for the broker's `[lifecycle]` table. The harness sets
+    /// `stop_sandboxes_on_shutdown = true` (unlike the product default),
+    /// so a suite that ends leaves no VM behind; the restart suites set it
+    /// to false here.
+    pub lifecycle_toml: String,
 }
 
 impl Default for Options {
@@ -114,6 +119,7 @@ impl Default for Options {
             pulls: false,
             network_toml: String::new(),
             volumes_toml: String::new(),
+            lifecycle_toml: String::new(),
         }
     }
 }
@@ -133,6 +139,10 @@ pub struct Server {
     pub broker_config: PathBuf,
     /// The gateway config the harness wrote (keys mode or extra TOML).
     pub gateway_config: Option<PathBuf>,
+    /// This server's nftables table.
+    pub net_table: String,
+    port: u16,
+    keys: bool,
     agent: ureq::Agent,
 }
 
@@ -197,6 +207,7 @@ impl Server {
         let log = dir.path().join("server.log");
         let build = build_dir();
         let (uid, gid) = user_ids("moat");
+        let net_table = format!("moate2e_{}_{n}", std::process::id());
         let uid_count = 16;
         // uid_base + uid_count is the server's volume owner (VMs with volumes
         // run as it), so servers are spaced by one more.
@@ -252,9 +263,16 @@ owner_uid = {volume_owner}
 owner_gid = {volume_owner}
 {volumes_dir}
 {volumes_extra}
+[lifecycle]
+{lifecycle}
 {extra}
 "#,
-            net_table = format_args!("moate2e_{}_{n}", std::process::id()),
+            lifecycle = if opts.lifecycle_toml.contains("stop_sandboxes_on_shutdown") {
+                opts.lifecycle_toml.clone()
+            } else {
+                format!("stop_sandboxes_on_shutdown = true\n{}", opts.lifecycle_toml)
+            },
+            net_table = net_table,
             net_prefix = format_args!("me{}x{n}x", std::process::id() % 10000),
             net_subnet = {
                 // A /26 (16 sandboxes) of 10.128.0.0/9 per server.
@@ -331,32 +349,13 @@ owner_gid = {volume_owner}
         });
 
         let port = free_port();
-        let logfile = fs::File::create(&log).expect("log file");
-        let mut command = Command::new(bin_dir().join("moat"));
-        command.args(["server", "start"]);
-        if !opts.keys {
-            command.arg("--dev");
-        }
-        if let Some(path) = &gateway_config {
-            command.arg("--gateway-config").arg(path);
-        }
-        let child = command
-            .args(["--port", &port.to_string(), "--broker-config"])
-            .arg(&config_path)
-            .env("MOAT_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(logfile.try_clone().expect("dup"))
-            .stderr(logfile)
-            .process_group(0)
-            .spawn()
-            .expect("spawn moat server start");
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(600)))
             .build()
             .into();
         let mut server = Self {
-            child: Some(child),
+            child: None,
             url: format!("http://127.0.0.1:{port}"),
             dir,
             state_dir,
@@ -367,10 +366,58 @@ owner_gid = {volume_owner}
             uid_count,
             broker_config: config_path,
             gateway_config,
+            net_table,
+            port,
+            keys: opts.keys,
             agent,
         };
+        server.spawn_supervisor();
         server.wait_healthy();
         server
+    }
+
+    /// Runs `moat server start` with this server's configs (log appended).
+    fn spawn_supervisor(&mut self) {
+        let logfile = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let mut command = Command::new(bin_dir().join("moat"));
+        command.args(["server", "start"]);
+        if !self.keys {
+            command.arg("--dev");
+        }
+        if let Some(path) = &self.gateway_config {
+            command.arg("--gateway-config").arg(path);
+        }
+        let child = command
+            .args(["--port", &self.port.to_string(), "--broker-config"])
+            .arg(&self.broker_config)
+            .env("MOAT_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(logfile.try_clone().expect("dup"))
+            .stderr(logfile)
+            .process_group(0)
+            .spawn()
+            .expect("spawn moat server start");
+        self.child = Some(child);
+    }
+
+    /// Starts the stack again on the same state, configs and port, after
+    /// [`Server::terminate`] (or after it exited).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "terminate the server first");
+        self.spawn_supervisor();
+        self.wait_healthy();
+    }
+
+    /// Pid of the running moat-broker.
+    pub fn broker_pid(&self) -> Option<i32> {
+        self.daemons()
+            .into_iter()
+            .find(|(_, _, name)| name == "moat-broker")
+            .map(|(pid, _, _)| pid)
     }
 
     fn wait_healthy(&mut self) {
@@ -855,6 +902,19 @@ impl Drop for Server {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A suite that left VMs running for a next broker (or failed
+        // midway) must not leave them, or their firewall table, behind.
+        for (pid, _) in self.sandbox_processes() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.net_table])
+            .stderr(Stdio::null())
+            .status();
+        std::thread::sleep(Duration::from_millis(200));
         for cg in self.cgroups() {
             let _ = fs::remove_dir(cg);
         }

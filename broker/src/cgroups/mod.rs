@@ -158,6 +158,14 @@ impl CgroupManager {
 }
 
 impl CgroupManager {
+    /// The existing cgroup `name` under the parent (a re-adopted VM's).
+    pub fn existing(&self, name: &str) -> Option<Cgroup> {
+        self.leftovers()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, cg)| cg)
+    }
+
     /// Cgroups left under the parent by an earlier broker run (by name).
     pub fn leftovers(&self) -> Vec<(String, Cgroup)> {
         let parents: Vec<PathBuf> = match self.hierarchy {

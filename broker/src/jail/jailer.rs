@@ -1,6 +1,7 @@
 //! Builds the `moat-jailer` command line from a [`JailSpec`] and spawns it.
-//! The broker side only sets a new session and the parent-death signal; the
-//! jailer does everything else (see `jailer/src/sequence.rs`).
+//! The broker side only sets a new session (the VM must outlive a broker
+//! restart, so there is no parent-death signal); the jailer does everything
+//! else (see `jailer/src/sequence.rs`).
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
@@ -73,14 +74,12 @@ pub fn spawn(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .kill_on_drop(false);
     // SAFETY: runs in the forked child before exec; only async-signal-safe
     // raw syscalls with integer arguments.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setsid() < 0
-                || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
-            {
+            if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             placement.place()

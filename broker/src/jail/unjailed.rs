@@ -39,7 +39,7 @@ pub fn spawn(plan: &LaunchPlan, spec: &JailSpec, passed: Vec<OwnedFd>) -> Result
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .kill_on_drop(false);
     // SAFETY: the closure runs in the forked child before exec and calls only
     // async-signal-safe raw syscalls on memory captured before the fork (no
     // allocation, no locks). `fds` stay open in the parent until `spawn`
@@ -67,7 +67,8 @@ fn check(ret: libc::c_long) -> std::io::Result<()> {
     }
 }
 
-/// In the child: new session, cgroups, fds, ids, no_new_privs, death signal.
+/// In the child: new session, cgroups, fds, ids, no_new_privs (no death
+/// signal: VMs outlive a broker restart and are re-adopted).
 fn child_steps(fds: &[RawFd], uid: u32, gid: u32, groups: &[libc::gid_t]) -> std::io::Result<()> {
     // SAFETY (whole function): raw syscalls with plain integer arguments or
     // pointers to memory owned by this closure; valid in a forked child.
@@ -83,10 +84,6 @@ fn child_steps(fds: &[RawFd], uid: u32, gid: u32, groups: &[libc::gid_t]) -> std
         check(libc::setresgid(gid, gid, gid) as libc::c_long)?;
         check(libc::setresuid(uid, uid, uid) as libc::c_long)?;
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
-        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) as libc::c_long)?;
-        if libc::getppid() == 1 {
-            libc::_exit(1);
-        }
     }
     Ok(())
 }

@@ -264,7 +264,7 @@ impl Networking {
             .await
             .map_err(|e| NetworkError::Config(format!("conntrack task: {e}")))??;
         let tap_fd = tap::create(&nic)?;
-        let mut net = SandboxNetwork {
+        let net = SandboxNetwork {
             nic,
             scope,
             ports: ports.to_vec(),
@@ -275,6 +275,47 @@ impl Networking {
             _published: Vec::new(),
             in_firewall: false,
         };
+        self.fill(net).await
+    }
+
+    /// Takes back the network of a re-adopted VM, whose tap still exists
+    /// (its VM process holds it): firewall elements, group pairs, DNS
+    /// responder and published ports, as `attach` made them.
+    pub async fn adopt(
+        &self,
+        namespace: &str,
+        name: &str,
+        slot: u32,
+        scope: Scope,
+        ports: &[PortMapping],
+    ) -> Result<SandboxNetwork, NetworkError> {
+        let nic = addressing::for_slot(&self.cfg.subnet, &self.cfg.iface_prefix, slot)
+            .ok_or(NetworkError::NoAddress(slot))?;
+        if !std::path::Path::new("/sys/class/net")
+            .join(&nic.ifname)
+            .exists()
+        {
+            return Err(NetworkError::Config(format!(
+                "tap {} of the re-adopted VM is gone",
+                nic.ifname
+            )));
+        }
+        let net = SandboxNetwork {
+            nic,
+            scope,
+            ports: ports.to_vec(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            tap: None,
+            _dns: None,
+            _published: Vec::new(),
+            in_firewall: false,
+        };
+        self.fill(net).await
+    }
+
+    /// Registers, firewalls and serves `net`; undoes it all on failure.
+    async fn fill(&self, mut net: SandboxNetwork) -> Result<SandboxNetwork, NetworkError> {
         let filled = {
             let _changes = self.changes.lock().await;
             self.register(&mut net).await

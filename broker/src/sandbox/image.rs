@@ -23,7 +23,33 @@ use crate::config::Limits;
 pub struct PreparedImage {
     pub disk: PathBuf,
     pub effective: SandboxSpec,
+    /// The image's config (OCI images only), recorded so a re-adopted VM
+    /// gets the same effective definition without the image.
+    pub runtime: Option<RuntimeConfig>,
     _ready: Option<ReadyImage>,
+}
+
+/// The image config as recorded in the sandbox's state.
+pub fn to_record(c: &RuntimeConfig) -> moat_proto::state::ImageRuntime {
+    moat_proto::state::ImageRuntime {
+        env: c.env.clone(),
+        working_dir: c.working_dir.clone(),
+        user: c.user.clone(),
+        entrypoint: c.entrypoint.clone(),
+        cmd: c.cmd.clone(),
+    }
+}
+
+/// The image config back from a record (checked again by [`apply_config`]).
+pub fn from_record(r: &moat_proto::state::ImageRuntime) -> RuntimeConfig {
+    RuntimeConfig {
+        env: r.env.clone(),
+        working_dir: r.working_dir.clone(),
+        user: r.user.clone(),
+        entrypoint: r.entrypoint.clone(),
+        cmd: r.cmd.clone(),
+        diff_ids: Vec::new(),
+    }
 }
 
 pub fn image_error(e: ImageError) -> BrokerError {
@@ -44,6 +70,7 @@ pub async fn prepare(
             return Ok(PreparedImage {
                 disk: disk.clone(),
                 effective: spec.clone(),
+                runtime: None,
                 _ready: None,
             })
         }
@@ -76,6 +103,7 @@ pub async fn prepare(
     Ok(PreparedImage {
         disk: ready.disk.clone(),
         effective,
+        runtime: Some(ready.config.clone()),
         _ready: Some(ready),
     })
 }

@@ -6,6 +6,8 @@
 
 mod exec;
 mod image;
+mod journal;
+mod process;
 pub mod spec;
 mod vm;
 
@@ -17,12 +19,15 @@ use std::time::Duration;
 use moat_proto::broker::{
     RunCommandReply, RunReplReply, SandboxConfig, SandboxMetrics, SandboxRef,
 };
+use moat_proto::state::SandboxRecord;
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::error::BrokerError;
 pub use exec::{CommandRequest, ReplRequest};
 pub use spec::SandboxSpec;
 pub use vm::{LaunchContext, RunningVm};
+
+use journal::Journal;
 
 /// Deepest `depends_on` chain a start follows.
 const MAX_DEPENDENCY_DEPTH: usize = 16;
@@ -75,6 +80,8 @@ impl MetricsFilter {
 #[derive(Debug, Default)]
 struct Entry {
     definition: Option<SandboxSpec>,
+    /// The durable record (present with a definition).
+    record: Option<SandboxRecord>,
     vm: Option<RunningVm>,
 }
 
@@ -134,6 +141,7 @@ impl Sandboxes {
         &self,
         key: &SandboxKey,
         config: Option<&SandboxConfig>,
+        caller_key_id: &str,
     ) -> Result<bool, BrokerError> {
         self.check_open()?;
         let cfg = &self.ctx.config;
@@ -143,7 +151,7 @@ impl Sandboxes {
                     crate::volumes::prepare_namespace_dir(&cfg.volumes, &key.namespace, &c.volumes)
                         .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
                 }
-                Some(
+                Some((
                     SandboxSpec::from_config(
                         c,
                         &key.namespace,
@@ -155,31 +163,34 @@ impl Sandboxes {
                         },
                     )
                     .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?,
-                )
+                    c.clone(),
+                ))
             }
             None => None,
         };
         let deps = match &wanted {
-            Some(w) => w.depends_on.clone(),
+            Some((w, _)) => w.depends_on.clone(),
             None => self
                 .stored_dependencies(key)
                 .ok_or_else(|| not_defined(key))?,
         };
         for dep in self.dependency_order(key, &deps)? {
-            self.start_one(&dep, None).await.map_err(|e| {
-                let why = format!(
-                    "dependency {} of sandbox {} failed to start: {e}",
-                    dep.name, key.name
-                );
-                match e {
-                    BrokerError::InvalidArgument(_) => BrokerError::InvalidArgument(why),
-                    BrokerError::NotFound(_) => BrokerError::InvalidArgument(why),
-                    BrokerError::Busy(_) => BrokerError::Busy(why),
-                    _ => BrokerError::Failed(why),
-                }
-            })?;
+            self.start_one(&dep, None, caller_key_id)
+                .await
+                .map_err(|e| {
+                    let why = format!(
+                        "dependency {} of sandbox {} failed to start: {e}",
+                        dep.name, key.name
+                    );
+                    match e {
+                        BrokerError::InvalidArgument(_) => BrokerError::InvalidArgument(why),
+                        BrokerError::NotFound(_) => BrokerError::InvalidArgument(why),
+                        BrokerError::Busy(_) => BrokerError::Busy(why),
+                        _ => BrokerError::Failed(why),
+                    }
+                })?;
         }
-        self.start_one(key, wanted).await
+        self.start_one(key, wanted, caller_key_id).await
     }
 
     fn stored_dependencies(&self, key: &SandboxKey) -> Option<Vec<String>> {
@@ -256,7 +267,8 @@ impl Sandboxes {
     async fn start_one(
         &self,
         key: &SandboxKey,
-        wanted: Option<SandboxSpec>,
+        wanted: Option<(SandboxSpec, SandboxConfig)>,
+        caller_key_id: &str,
     ) -> Result<bool, BrokerError> {
         let entry = match (&wanted, self.existing(key)) {
             (None, None) => return Err(not_defined(key)),
@@ -267,21 +279,41 @@ impl Sandboxes {
         self.check_open()?;
         if let Some(vm) = &e.vm {
             return match &wanted {
-                Some(w) if *w != vm.spec => Err(BrokerError::InvalidArgument(format!(
+                Some((w, _)) if *w != vm.spec => Err(BrokerError::InvalidArgument(format!(
                     "sandbox {key} is already running with a different config; stop it first, then start it with the new config"
                 ))),
                 _ => Ok(false),
             };
         }
-        if let Some(w) = wanted {
-            self.dependencies
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key.clone(), w.depends_on.clone());
-            e.definition = Some(w);
-        }
+        // The definition is durable before anything runs for it.
+        let base = match (wanted, &e.record) {
+            (Some((w, config)), old) => {
+                let mut record = old.clone().unwrap_or_else(|| SandboxRecord {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    ..Default::default()
+                });
+                record.config = Some(config);
+                record.defined_at_ms = crate::state::now_ms();
+                record.vm = None;
+                let mut journal = Journal::new(self.ctx.state.clone(), record);
+                journal.save(|_| {}).await?;
+                self.dependencies
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key.clone(), w.depends_on.clone());
+                e.definition = Some(w);
+                journal.into_record()
+            }
+            (None, Some(record)) => record.clone(),
+            (None, None) => return Err(not_defined(key)),
+        };
         let spec = e.definition.clone().ok_or_else(|| not_defined(key))?;
-        let vm = vm::launch(&self.ctx, &key.namespace, &key.name, spec).await?;
+        let mut journal = Journal::new(self.ctx.state.clone(), base);
+        journal.stage(|r| r.owner_key_id = caller_key_id.to_owned());
+        let launched = vm::launch(&self.ctx, &key.namespace, &key.name, spec, &mut journal).await;
+        e.record = Some(journal.into_record());
+        let vm = launched?;
         tracing::info!(
             sandbox = %key,
             scope = %vm.spec.scope,
@@ -301,7 +333,9 @@ impl Sandboxes {
         let mut e = entry.lock().await;
         let vm = e.vm.take().ok_or_else(|| not_running(key))?;
         let grace = Duration::from_secs(u64::from(self.ctx.config.limits.stop_timeout_secs));
-        vm.stop(&self.ctx, grace).await
+        vm.stop(&self.ctx, grace).await?;
+        record_stopped(&self.ctx, &mut e).await;
+        Ok(())
     }
 
     /// What a call into a running sandbox needs, holding one of its call
@@ -409,9 +443,96 @@ impl Sandboxes {
         out
     }
 
-    /// Stops every running sandbox (broker shutdown); refuses new work first.
-    pub async fn stop_all(&self) {
+    /// Takes over what an earlier broker left, before serving: every stored
+    /// definition (checked again against this config) and every VM that can
+    /// be re-adopted. VMs that cannot are killed and released, interrupted
+    /// starts are undone, and each is logged. Returns the slots now in use.
+    pub async fn recover(&self, records: Vec<SandboxRecord>) -> Vec<u32> {
+        let cfg = &self.ctx.config;
+        let mut adopted_slots = Vec::new();
+        for mut record in records {
+            let key = SandboxKey {
+                namespace: record.namespace.clone(),
+                name: record.name.clone(),
+            };
+            let spec = record.config.as_ref().map(|c| {
+                SandboxSpec::from_config(
+                    c,
+                    &key.namespace,
+                    spec::SpecLimits {
+                        limits: &cfg.limits,
+                        images: &cfg.images,
+                        volumes: &cfg.volumes,
+                        network: &cfg.network,
+                    },
+                )
+            });
+            let spec = match spec {
+                Some(Ok(s)) => s,
+                Some(Err(e)) => {
+                    tracing::error!(sandbox = %key, error = %e, "stored definition is not valid under this config: forgotten (a VM it had is stopped)");
+                    let _ = self.ctx.state.remove(&key.namespace, &key.name);
+                    continue;
+                }
+                None => continue,
+            };
+            let vm = match record.vm.clone() {
+                Some(v) if v.phase == moat_proto::state::vm_record::Phase::Running as i32 => {
+                    match vm::adopt(&self.ctx, &key.namespace, &key.name, spec.clone(), &v).await {
+                        Ok(vm) => {
+                            tracing::info!(sandbox = %key, pid = v.pid, slot = v.slot, "re-adopted a running sandbox");
+                            adopted_slots.push(v.slot);
+                            Some(vm)
+                        }
+                        Err(why) => {
+                            tracing::warn!(sandbox = %key, slot = v.slot, %why, "cannot re-adopt its VM: stopped and cleaned");
+                            None
+                        }
+                    }
+                }
+                Some(v) => {
+                    tracing::warn!(sandbox = %key, slot = v.slot, "its start was interrupted by a broker exit: cleaned");
+                    None
+                }
+                None => None,
+            };
+            if vm.is_none() && record.vm.is_some() {
+                record.vm = None;
+                record.stopped_at_ms = crate::state::now_ms();
+                if let Err(e) = self.ctx.state.save(&record) {
+                    tracing::error!(sandbox = %key, error = %e, "cannot record that its VM is gone");
+                }
+            }
+            self.dependencies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone(), spec.depends_on.clone());
+            let entry = self.entry(&key);
+            let mut e = entry.lock().await;
+            e.definition = Some(spec);
+            e.record = Some(record);
+            e.vm = vm;
+        }
+        adopted_slots
+    }
+
+    /// From now on, new starts and calls fail with "shutting down".
+    pub fn refuse_new_work(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Broker shutdown: refuses new work, then either stops every sandbox
+    /// (`stop_vms`) or leaves the VMs, their firewall rules and forwarding
+    /// as they are for the next broker to re-adopt.
+    pub async fn shutdown(&self, stop_vms: bool) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        if !stop_vms {
+            tracing::info!(
+                running = self.running(),
+                "leaving the running sandboxes for the next broker (lifecycle.stop_sandboxes_on_shutdown = false)"
+            );
+            return;
+        }
         let entries: Vec<(SandboxKey, Arc<AsyncMutex<Entry>>)> = {
             let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
@@ -420,10 +541,13 @@ impl Sandboxes {
         let stops = entries.into_iter().map(|(key, entry)| {
             let ctx = self.ctx.clone();
             async move {
-                let vm = entry.lock().await.vm.take();
-                if let Some(vm) = vm {
+                let mut e = entry.lock().await;
+                if let Some(vm) = e.vm.take() {
                     match vm.stop(&ctx, grace).await {
-                        Ok(()) => tracing::info!(sandbox = %key, "stopped at shutdown"),
+                        Ok(()) => {
+                            tracing::info!(sandbox = %key, "stopped at shutdown");
+                            record_stopped(&ctx, &mut e).await;
+                        }
                         Err(e) => tracing::error!(sandbox = %key, error = %e, "stop at shutdown"),
                     }
                 }
@@ -432,6 +556,27 @@ impl Sandboxes {
         futures_join_all(stops).await;
         self.ctx.network.shutdown();
     }
+}
+
+/// Records that the sandbox's VM is gone (everything was released). A failed
+/// write is logged: the next broker start finds the VM gone and cleans the
+/// record then.
+async fn record_stopped(ctx: &LaunchContext, e: &mut Entry) {
+    let Some(record) = e.record.take() else {
+        return;
+    };
+    let mut journal = Journal::new(ctx.state.clone(), record);
+    if let Err(err) = journal
+        .save(|r| {
+            r.vm = None;
+            r.stopped_at_ms = crate::state::now_ms();
+        })
+        .await
+    {
+        let r = journal.record();
+        tracing::error!(sandbox = %format!("{}/{}", r.namespace, r.name), error = %err, "stopped, but not recorded");
+    }
+    e.record = Some(journal.into_record());
 }
 
 /// Runs futures concurrently to completion (without pulling in `futures`).

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moat_proto::agent::{guest_message, host_message, Script, Setup, Shutdown};
+use moat_proto::state::{vm_record::Phase, VmRecord};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout, Instant};
 
@@ -24,6 +25,8 @@ use crate::quota::{NamespacePermit, NamespaceQuota};
 use crate::slots::{Slot, SlotAllocator};
 use crate::vmm::{VmSpec, Vmm};
 
+use super::journal::Journal;
+use super::process::{self, ProcessIdentity};
 use super::spec::SandboxSpec;
 
 /// Bytes of console output kept per VM.
@@ -44,6 +47,7 @@ pub struct LaunchContext {
     pub jail_mode: JailMode,
     pub images: Arc<crate::images::Images>,
     pub network: Arc<crate::network::Networking>,
+    pub state: Arc<crate::state::StateStore>,
 }
 
 impl LaunchContext {
@@ -201,12 +205,25 @@ pub async fn wait_exit(mut exit: ExitWatch) -> String {
     }
 }
 
-/// Launches a VM for `spec` and waits for its agent.
+/// Who a sandbox's VM process runs as: the volume owner when it has volumes
+/// (what it writes is the operator's configured uid's on the host, and
+/// readable by the next sandbox mounting it), otherwise its slot's own uid.
+fn vm_owner(ctx: &LaunchContext, spec: &SandboxSpec, slot: Slot) -> (u32, u32) {
+    if spec.volumes.is_empty() {
+        (slot.uid, slot.uid)
+    } else {
+        (ctx.config.volumes.owner_uid, ctx.config.volumes.owner_gid)
+    }
+}
+
+/// Launches a VM for `spec` and waits for its agent, keeping `journal`
+/// in step (see `journal.rs`).
 pub async fn launch(
     ctx: &LaunchContext,
     namespace: &str,
     hostname: &str,
     spec: SandboxSpec,
+    journal: &mut Journal,
 ) -> Result<RunningVm, BrokerError> {
     let limits = &ctx.config.limits;
     let image = super::image::prepare(ctx, hostname, &spec).await?;
@@ -234,6 +251,7 @@ pub async fn launch(
         _permit: permit,
         _namespace_permit: namespace_permit,
     };
+    let (uid, gid) = vm_owner(ctx, &spec, slot);
     let booted = async {
         if !spec.volumes.is_empty() && ctx.jail_mode == JailMode::Unjailed {
             return Err(BrokerError::InvalidArgument(
@@ -241,6 +259,17 @@ pub async fn launch(
             ));
         }
         let volumes = open_volumes(ctx, namespace, &spec)?;
+        journal
+            .save(|r| {
+                r.vm = Some(VmRecord {
+                    phase: Phase::Starting as i32,
+                    slot: slot.index,
+                    uid,
+                    gid,
+                    ..Default::default()
+                })
+            })
+            .await?;
         if spec.has_nic() {
             let attach_started = Instant::now();
             let net = ctx
@@ -264,18 +293,48 @@ pub async fn launch(
             );
             res.network = Some(net);
         }
-        boot(ctx, hostname, &image, &mut res, volumes).await
+        boot(ctx, hostname, &image, &mut res, volumes, (uid, gid)).await
     }
     .await;
-    match booted {
+    let started_at = std::time::SystemTime::now();
+    let recorded = match booted {
+        Ok(parts) => {
+            let identity = parts.identity.unwrap_or(ProcessIdentity {
+                pid: 0,
+                start_ticks: 0,
+            });
+            let running = VmRecord {
+                phase: Phase::Running as i32,
+                slot: slot.index,
+                uid,
+                gid,
+                pid: identity.pid,
+                pid_start_ticks: identity.start_ticks,
+                started_at_ms: unix_ms(started_at),
+                image: image.runtime.as_ref().map(super::image::to_record),
+            };
+            match journal.save(|r| r.vm = Some(running)).await {
+                Ok(()) => Ok(parts),
+                Err(e) => {
+                    if let Some(cg) = &res.cgroup {
+                        cg.kill_all();
+                    }
+                    let _ = timeout(Duration::from_secs(5), wait_exit(parts.exit)).await;
+                    Err(e)
+                }
+            }
+        }
+        Err(e) => Err(e),
+    };
+    match recorded {
         Ok(parts) => Ok(RunningVm {
             cpu_percent: spawn_cpu_sampler(res.cgroup.clone(), parts.exit.clone()),
-            started_at: std::time::SystemTime::now(),
+            started_at,
             spec,
             effective: image.effective,
             agent: parts.agent,
             exit: parts.exit,
-            pid: parts.pid,
+            pid: parts.identity.map(|i| i.pid),
             calls: Arc::new(Semaphore::new(limits.max_calls_per_sandbox as usize)),
             repl_sessions: Default::default(),
             resources: res,
@@ -283,16 +342,26 @@ pub async fn launch(
         Err(e) => {
             if let Err(cleanup) = res.release(ctx).await {
                 tracing::error!(%cleanup, "cleanup after failed start");
+            } else if journal.record().vm.is_some() {
+                if let Err(w) = journal.save(|r| r.vm = None).await {
+                    tracing::error!(error = %w, "the failed start stays recorded; the next broker start cleans it");
+                }
             }
             Err(e)
         }
     }
 }
 
+fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 struct Booted {
     agent: AgentClient,
     exit: ExitWatch,
-    pid: Option<u32>,
+    identity: Option<ProcessIdentity>,
 }
 
 /// Opens every volume's host directory beneath its root (again: the
@@ -318,20 +387,12 @@ async fn boot(
     image: &super::image::PreparedImage,
     res: &mut VmResources,
     volumes: Vec<crate::volumes::ResolvedVolume>,
+    (uid, gid): (u32, u32),
 ) -> Result<Booted, BrokerError> {
     let spec = &image.effective;
     let cfg = &ctx.config;
     let limits = &cfg.limits;
     let fail = |what: &str, e: &dyn std::fmt::Display| BrokerError::Failed(format!("{what}: {e}"));
-    // A sandbox with volumes runs as the volume owner, so what it writes is
-    // the operator's configured uid's on the host (and readable by the next
-    // sandbox mounting it); every other one as its slot's own uid.
-    let (uid, gid) = if volumes.is_empty() {
-        (res.slot.uid, res.slot.uid)
-    } else {
-        (cfg.volumes.owner_uid, cfg.volumes.owner_gid)
-    };
-
     // A leftover directory of this slot (crash) is removed first.
     let _ = tokio::fs::remove_dir_all(&res.dir).await;
     make_private_dir(&res.dir, uid, gid).map_err(|e| fail("cannot create the VM directory", &e))?;
@@ -364,6 +425,7 @@ async fn boot(
     );
     debug_assert_eq!(layout.host_vm_file("rw.ext4"), writable);
     let agent_socket = layout.host_vm_file("agent.sock");
+    let console_socket = layout.host_vm_file("console.sock");
     let root = ctx.jails_dir().join(res.slot.index.to_string());
     let _ = tokio::fs::remove_dir(&root).await;
     make_private_dir(&root, 0, 0).map_err(|e| fail("cannot create the jail root", &e))?;
@@ -405,6 +467,7 @@ async fn boot(
         image_disk: layout.image.inside.clone(),
         writable_disk: layout.in_vm_dir("rw.ext4"),
         agent_socket: layout.in_vm_dir("agent.sock"),
+        console_socket: layout.in_vm_dir("console.sock"),
         memory_mib: spec.memory_mib,
         cpus: spec.cpus,
         hostname: hostname.to_string(),
@@ -441,6 +504,7 @@ async fn boot(
     let mut child = jail::spawn(&plan, &jail, &ctx.jail_mode, fds)
         .map_err(|e| fail("cannot start the VM", &e))?;
     let pid = child.id();
+    let identity = pid.and_then(ProcessIdentity::of);
     let console = ConsoleLog::new(CONSOLE_BYTES);
     if let Some(out) = child.stdout.take() {
         tokio::spawn(console.clone().follow(out));
@@ -467,16 +531,24 @@ async fn boot(
 
     let boot_timeout = Duration::from_secs(u64::from(limits.boot_timeout_secs));
     let deadline = started + boot_timeout;
-    let handshake = AgentClient::connect(
-        &agent_socket,
-        limits.max_agent_frame_bytes as usize,
-        deadline,
-    );
-    let outcome = tokio::select! {
-        r = handshake => r.map_err(|e| match e {
-            crate::agent::AgentError::Timeout(_) => format!("the guest did not come up within {boot_timeout:?} (limits.boot_timeout_secs)"),
+    let handshake = async {
+        // The VMM waits for this connection before running the guest.
+        console.attach(&console_socket, deadline).await?;
+        AgentClient::connect(
+            &agent_socket,
+            limits.max_agent_frame_bytes as usize,
+            deadline,
+        )
+        .await
+        .map_err(|e| match e {
+            crate::agent::AgentError::Timeout(_) => format!(
+                "the guest did not come up within {boot_timeout:?} (limits.boot_timeout_secs)"
+            ),
             other => format!("the guest agent did not answer: {other}"),
-        }),
+        })
+    };
+    let outcome = tokio::select! {
+        r = handshake => r,
         status = wait_exit(exit_rx.clone()) => Err(format!("{status} during boot")),
     };
     let outcome = match outcome {
@@ -515,7 +587,7 @@ async fn boot(
             Ok(Booted {
                 agent,
                 exit: exit_rx,
-                pid,
+                identity,
             })
         }
         Err(cause) => {
@@ -696,5 +768,119 @@ impl RunningVm {
             .cgroup
             .as_ref()
             .and_then(Cgroup::memory_bytes)
+    }
+}
+
+/// How long a re-adopted VM's agent has to answer a Hello.
+const ADOPT_AGENT_WAIT: Duration = Duration::from_secs(10);
+
+/// Takes back a VM an earlier broker started, as its record describes it:
+/// the slot, the jailer's waiting process (same pid and start time, in the
+/// slot's cgroup), the console and agent sockets, and its network. Anything
+/// that does not match is an error, and whatever was found is then killed
+/// and released (the caller logs why).
+pub async fn adopt(
+    ctx: &LaunchContext,
+    namespace: &str,
+    hostname: &str,
+    spec: SandboxSpec,
+    rec: &VmRecord,
+) -> Result<RunningVm, String> {
+    let limits = &ctx.config.limits;
+    let slot = ctx
+        .slots
+        .claim(rec.slot)
+        .ok_or_else(|| format!("slot {} is out of range or taken twice", rec.slot))?;
+    let dir = ctx.vms_dir().join(slot.index.to_string());
+    let cgroup = ctx.cgroups.existing(&format!("vm-{}", slot.index));
+    let namespace_permit = ctx.namespaces.try_take(namespace);
+    let permit = ctx.running.clone().try_acquire_owned().ok();
+    let (Some(namespace_permit), Some(permit)) = (namespace_permit, permit) else {
+        // Released by hand: there is no VmResources without permits.
+        if let Some(cg) = cgroup {
+            let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
+        }
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        ctx.slots.release(slot);
+        return Err("the server's or namespace's sandbox limit is now lower than what runs".into());
+    };
+    let mut res = VmResources {
+        slot,
+        dir,
+        cgroup,
+        network: None,
+        _permit: permit,
+        _namespace_permit: namespace_permit,
+    };
+    let adopted = async {
+        let expected = vm_owner(ctx, &spec, slot);
+        if (rec.uid, rec.gid) != expected {
+            return Err(format!(
+                "it runs as {}:{}, its definition says {}:{}",
+                rec.uid, rec.gid, expected.0, expected.1
+            ));
+        }
+        let cgroup = res.cgroup.as_ref().ok_or("its cgroup is gone")?;
+        let identity = ProcessIdentity {
+            pid: rec.pid,
+            start_ticks: rec.pid_start_ticks,
+        };
+        let pidfd = identity.open()?;
+        if !i32::try_from(rec.pid).is_ok_and(|p| cgroup.pids().contains(&p)) {
+            return Err(format!("process {} is not in its cgroup", rec.pid));
+        }
+        let exit = process::watch_exit(
+            pidfd,
+            "VM process ended (it was re-adopted: its exit status went to the process that reaped it)".into(),
+        );
+        let deadline = Instant::now() + ADOPT_AGENT_WAIT;
+        let console = ConsoleLog::new(CONSOLE_BYTES);
+        if let Err(e) = console.attach(&res.dir.join("console.sock"), deadline).await {
+            tracing::warn!(sandbox = hostname, error = %e, "re-adopted without its console");
+        }
+        let (agent, _hello) = AgentClient::connect(
+            &res.dir.join("agent.sock"),
+            limits.max_agent_frame_bytes as usize,
+            deadline,
+        )
+        .await
+        .map_err(|e| format!("its agent did not answer: {e}"))?;
+        if spec.has_nic() {
+            let net = ctx
+                .network
+                .adopt(namespace, hostname, slot.index, spec.scope, &spec.ports)
+                .await
+                .map_err(|e| format!("its network: {e}"))?;
+            res.network = Some(net);
+        }
+        let effective = match &rec.image {
+            Some(runtime) => {
+                super::image::apply_config(&spec, &super::image::from_record(runtime), limits)
+                    .map_err(|e| format!("its image config: {e}"))?
+            }
+            None => spec.clone(),
+        };
+        Ok((agent, exit, effective))
+    }
+    .await;
+    match adopted {
+        Ok((agent, exit, effective)) => Ok(RunningVm {
+            cpu_percent: spawn_cpu_sampler(res.cgroup.clone(), exit.clone()),
+            started_at: std::time::UNIX_EPOCH + Duration::from_millis(rec.started_at_ms),
+            spec,
+            effective,
+            agent,
+            exit,
+            pid: Some(rec.pid),
+            calls: Arc::new(Semaphore::new(limits.max_calls_per_sandbox as usize)),
+            repl_sessions: Default::default(),
+            resources: res,
+        }),
+        Err(why) => {
+            if let Err(cleanup) = res.release(ctx).await {
+                tracing::error!(sandbox = hostname, %cleanup, "cleanup of a VM that could not be re-adopted");
+            }
+            Err(why)
+        }
     }
 }

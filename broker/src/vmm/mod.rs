@@ -24,6 +24,11 @@ pub struct VmSpec {
     pub writable_disk: PathBuf,
     /// Unix socket the VMM listens on for the agent channel.
     pub agent_socket: PathBuf,
+    /// Unix socket the VMM serves the serial console on. The VMM waits for
+    /// the broker to connect before the guest runs (no output is lost), and
+    /// drops output while no broker is connected (a broker restart never
+    /// blocks or kills the VM).
+    pub console_socket: PathBuf,
     pub memory_mib: u32,
     pub cpus: u32,
     /// Guest hostname (a validated sandbox name).

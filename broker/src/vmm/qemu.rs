@@ -1,6 +1,7 @@
 //! QEMU `microvm` backend: no PCI, no ACPI, virtio-mmio devices only; the
-//! serial console on stdout; the agent channel on a virtio-serial port bridged
-//! to a Unix socket; QEMU's own seccomp sandbox on.
+//! serial console and the agent channel (a virtio-serial port) each on a Unix
+//! socket QEMU serves, so the VM does not depend on the broker that started
+//! it staying alive; QEMU's own seccomp sandbox on.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -58,16 +59,21 @@ impl Vmm for Qemu {
             "-smp",
             &spec.cpus.to_string(),
         ]);
+        // Paths go into QEMU's comma-separated option syntax: a ',' in a path
+        // would be read as an option separator, so it is doubled.
+        let path = |p: &PathBuf| p.to_string_lossy().replace(',', ",,");
+        // wait=on: QEMU accepts the broker's connection before the guest
+        // runs; while no broker is connected the console output is dropped.
         push(&[
             "-chardev",
-            "stdio,id=console,signal=off",
+            &format!(
+                "socket,id=console,path={},server=on,wait=on",
+                path(&spec.console_socket)
+            ),
             "-serial",
             "chardev:console",
         ]);
         push(&["-append", &kernel_cmdline(spec)]);
-        // Paths go into QEMU's comma-separated option syntax: a ',' in a path
-        // would be read as an option separator, so it is doubled.
-        let path = |p: &PathBuf| p.to_string_lossy().replace(',', ",,");
         push(&[
             "-kernel",
             &path(&spec.kernel),
@@ -183,6 +189,7 @@ mod tests {
             image_disk: "/img/a,b.erofs".into(),
             writable_disk: "/vm/0/rw.ext4".into(),
             agent_socket: "/vm/0/agent.sock".into(),
+            console_socket: "/vm/0/console.sock".into(),
             memory_mib: 512,
             cpus: 2,
             hostname: "sb1".into(),
@@ -231,6 +238,12 @@ mod tests {
             "both disks throttled, uncapped directions left out: {joined}"
         );
         assert!(joined.contains("name=moat.agent"));
+        assert!(
+            joined.contains(
+                "-chardev socket,id=console,path=/vm/0/console.sock,server=on,wait=on -serial chardev:console"
+            ),
+            "{joined}"
+        );
         assert!(joined.contains("-m 512M") && joined.contains("-smp 2"));
         let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
         assert!(
