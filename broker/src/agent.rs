@@ -47,15 +47,17 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
-    /// Connects to the VMM's agent socket (waiting for it to appear) and
-    /// returns once the guest agent answered a Hello, or fails at `deadline`.
+    /// Connects to the VMM's agent socket (waiting for it to appear; it must
+    /// be a socket owned by the VM's `uid`, see `vm_socket.rs`) and returns
+    /// once the guest agent answered a Hello, or fails at `deadline`.
     pub async fn connect(
         socket: &Path,
+        uid: u32,
         max_frame: usize,
         deadline: Instant,
     ) -> Result<(Self, HelloReply), AgentError> {
         let stream = loop {
-            match UnixStream::connect(socket).await {
+            match crate::vm_socket::connect_owned(socket, uid).await {
                 Ok(s) => break s,
                 Err(e) if Instant::now() >= deadline => {
                     return Err(AgentError::Closed(format!(

@@ -9,6 +9,9 @@ use serde::Deserialize;
 
 use crate::network::firewall::{Ipv4Net, Scope};
 
+mod lifecycle;
+pub use lifecycle::{LifecycleConfig, NamespaceLifetimes};
+
 /// Errors loading or checking the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -33,6 +36,9 @@ pub struct BrokerConfig {
     /// gRPC socket the gateway connects to. Its directory is made 0750 and
     /// the socket 0660, both group `gateway_gid`.
     pub socket: PathBuf,
+    /// Operator socket (`moat sandbox ls|rm`): mode 0600, root peers only.
+    /// Default: `admin.sock` beside `socket`.
+    pub admin_socket: Option<PathBuf>,
     /// The only uid allowed to talk to the broker (checked with SO_PEERCRED).
     pub gateway_uid: u32,
     /// Group owning the socket and its directory.
@@ -54,27 +60,6 @@ pub struct BrokerConfig {
     /// Per registry host (`"ghcr.io"`, `"127.0.0.1:5000"`): plain HTTP
     /// allowed, credentials.
     pub registries: BTreeMap<String, crate::images::registry::RegistryConfig>,
-}
-
-/// What happens to sandboxes when the broker itself stops and restarts.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LifecycleConfig {
-    /// At SIGTERM, stop every sandbox (true) or leave the VMs running for
-    /// the next broker to re-adopt (false, the default).
-    pub stop_sandboxes_on_shutdown: bool,
-    /// After SIGTERM, how long calls in flight may take to finish before
-    /// they are failed and the broker exits.
-    pub shutdown_grace_secs: u32,
-}
-
-impl Default for LifecycleConfig {
-    fn default() -> Self {
-        Self {
-            stop_sandboxes_on_shutdown: false,
-            shutdown_grace_secs: 30,
-        }
-    }
 }
 
 /// Where volume host paths may come from (`config.volumes`).
@@ -323,6 +308,9 @@ pub struct Limits {
     /// Most `command.run`/`repl.run` calls in flight per sandbox; more are
     /// refused (`-32000`) until one finishes.
     pub max_calls_per_sandbox: u32,
+    /// Most sandbox starts in progress at once (image pulls and boots);
+    /// more are refused (`-32000`, retry shortly) rather than queued.
+    pub max_starts_in_progress: u32,
     /// Most `scripts` entries per sandbox; their total size counts against
     /// `max_request_bytes`.
     pub max_scripts: u32,
@@ -353,6 +341,7 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
             socket: PathBuf::from("/run/moat/broker.sock"),
+            admin_socket: None,
             gateway_uid: 0,
             gateway_gid: 0,
             state_dir: PathBuf::from("/var/lib/moat"),
@@ -435,6 +424,7 @@ impl Default for Limits {
             max_request_bytes: 256 << 10,
             max_code_bytes: 1 << 20,
             max_calls_per_sandbox: 16,
+            max_starts_in_progress: 8,
             max_scripts: 32,
             background_log_bytes: 1 << 20,
         }
@@ -569,6 +559,16 @@ impl BrokerConfig {
         toml::from_str(text)
     }
 
+    /// Where the operator socket is.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.admin_socket.clone().unwrap_or_else(|| {
+            self.socket
+                .parent()
+                .map(|d| d.join("admin.sock"))
+                .unwrap_or_else(|| PathBuf::from("/run/moat/admin.sock"))
+        })
+    }
+
     /// Checks values against each other and against what the code can do.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
@@ -582,15 +582,16 @@ impl BrokerConfig {
                 self.socket
             ));
         }
+        let admin = self.admin_socket();
+        if !admin.is_absolute() || admin.as_os_str().len() > 100 || admin == self.socket {
+            return bad(format!(
+                "admin_socket {admin:?} must be an absolute path under 100 bytes, other than socket"
+            ));
+        }
         if !self.state_dir.is_absolute() {
             return bad(format!("state_dir {:?} must be absolute", self.state_dir));
         }
-        if self.lifecycle.shutdown_grace_secs > 3600 {
-            return bad(format!(
-                "lifecycle.shutdown_grace_secs = {} is over an hour; use at most 3600",
-                self.lifecycle.shutdown_grace_secs
-            ));
-        }
+        self.lifecycle.validate().map_err(ConfigError::Invalid)?;
         if let Some(socket_dir) = self.socket.parent() {
             if self.state_dir.starts_with(socket_dir) {
                 return bad(format!(
@@ -628,6 +629,7 @@ impl BrokerConfig {
             ("max_request_bytes", l.max_request_bytes),
             ("max_code_bytes", l.max_code_bytes),
             ("max_calls_per_sandbox", l.max_calls_per_sandbox),
+            ("max_starts_in_progress", l.max_starts_in_progress),
         ] {
             if v == 0 {
                 return bad(format!("limits.{name} must be greater than 0"));

@@ -42,15 +42,16 @@ impl ConsoleLog {
         lines[lines.len().saturating_sub(max_lines)..].join("\n")
     }
 
-    /// Connects to the VMM's console socket (waiting for it to appear until
-    /// `deadline`) and copies it into the log from then on.
+    /// Connects to the VMM's console socket (a socket owned by `uid`;
+    /// waiting for it to appear until `deadline`) and copies it into the log from then on.
     pub async fn attach(
         &self,
         socket: &std::path::Path,
+        uid: u32,
         deadline: tokio::time::Instant,
     ) -> Result<(), String> {
         let stream = loop {
-            match tokio::net::UnixStream::connect(socket).await {
+            match crate::vm_socket::connect_owned(socket, uid).await {
                 Ok(s) => break s,
                 Err(e) if tokio::time::Instant::now() >= deadline => {
                     return Err(format!(

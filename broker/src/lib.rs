@@ -25,5 +25,6 @@ pub mod server;
 pub mod service;
 pub mod slots;
 pub mod state;
+pub mod vm_socket;
 pub mod vmm;
 pub mod volumes;

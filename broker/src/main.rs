@@ -16,10 +16,11 @@ use moat_broker::cgroups::CgroupManager;
 use moat_broker::config::BrokerConfig;
 use moat_broker::jail::JailMode;
 use moat_broker::sandbox::{LaunchContext, Sandboxes};
-use moat_broker::service::BrokerService;
+use moat_broker::service::{AdminService, BrokerService};
 use moat_broker::slots::SlotAllocator;
 use moat_broker::vmm::{detect_accel, Qemu, Vmm};
 use moat_broker::{initramfs, server};
+use moat_proto::broker::admin_server::AdminServer;
 use moat_proto::broker::broker_server::BrokerServer;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -180,6 +181,28 @@ async fn run(config: BrokerConfig) -> Result<()> {
 
     let service = BrokerService::new(sandboxes.clone(), vmm.describe());
 
+    let admin_socket = config.admin_socket();
+    let admin_listener = server::bind_admin(&admin_socket)?;
+    let admin = tonic::transport::Server::builder()
+        .add_service(AdminServer::new(AdminService::new(sandboxes.clone())))
+        .serve_with_incoming(server::authorized_connections(admin_listener, 0));
+    tokio::spawn(async move {
+        if let Err(e) = admin.await {
+            tracing::error!(error = %e, "admin socket server");
+        }
+    });
+    tracing::info!(socket = %admin_socket.display(), "operator socket (root only)");
+    let reaper = sandboxes.clone();
+    let every = std::time::Duration::from_secs(u64::from(config.lifecycle.check_interval_secs));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            reaper.enforce_lifetimes().await;
+        }
+    });
+
     let listener = server::bind(&config.socket, config.gateway_gid)?;
     tracing::info!(socket = %config.socket.display(), gateway_uid = config.gateway_uid, "broker listening");
     let incoming = server::authorized_connections(listener, config.gateway_uid);
@@ -211,6 +234,7 @@ async fn run(config: BrokerConfig) -> Result<()> {
         .shutdown(config.lifecycle.stop_sandboxes_on_shutdown)
         .await;
     let _ = std::fs::remove_file(&config.socket);
+    let _ = std::fs::remove_file(&admin_socket);
     tracing::info!("broker stopped");
     Ok(())
 }

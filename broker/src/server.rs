@@ -1,7 +1,9 @@
-//! The broker's Unix socket: created in a 0750 directory, mode 0660, both
-//! owned by the gateway's group; every connection's peer credentials
-//! (SO_PEERCRED) are checked, and a peer whose uid is not the configured
-//! gateway uid is logged and dropped before it can send a byte of gRPC.
+//! The broker's Unix sockets. The gateway's: created in a 0750 directory,
+//! mode 0660, both owned by the gateway's group. The operator's (admin):
+//! mode 0600, root's. On both, every connection's peer credentials
+//! (SO_PEERCRED) are checked, and a peer whose uid is not the one allowed
+//! (the gateway's uid; root) is logged and dropped before it can send a byte
+//! of gRPC.
 
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::Path;
@@ -41,13 +43,31 @@ pub fn bind(path: &Path, gid: u32) -> Result<UnixListener, SocketError> {
         .map_err(io(dir))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)).map_err(io(dir))?;
     std::os::unix::fs::chown(dir, Some(0), Some(gid)).map_err(io(dir))?;
+    bind_socket(path, 0o660, gid)
+}
+
+/// Binds the operator socket: mode 0600, root's (its directory is created
+/// 0700 when missing, left as it is otherwise).
+pub fn bind_admin(path: &Path) -> Result<UnixListener, SocketError> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| SocketError::NotASocket(path.to_owned()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir))?;
+    bind_socket(path, 0o600, 0)
+}
+
+fn bind_socket(path: &Path, mode: u32, gid: u32) -> Result<UnixListener, SocketError> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(io(path))?,
         Ok(_) => return Err(SocketError::NotASocket(path.to_owned())),
         Err(_) => {}
     }
     let listener = UnixListener::bind(path).map_err(io(path))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io(path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io(path))?;
     std::os::unix::fs::chown(path, Some(0), Some(gid)).map_err(io(path))?;
     Ok(listener)
 }
@@ -67,7 +87,7 @@ pub fn authorized_connections(
                     peer_gid = cred.gid(),
                     peer_pid = cred.pid(),
                     allowed_uid,
-                    "refused broker connection from a peer that is not the gateway"
+                    "refused a broker socket connection from a peer that is not the allowed uid"
                 );
                 None
             }

@@ -1,12 +1,16 @@
-//! gRPC handlers. Each one first re-validates its request (names, sizes,
-//! limits) as if the gateway were hostile, then calls the sandbox registry.
+//! gRPC handlers: [`BrokerService`] for the gateway and [`AdminService`] for
+//! the operator (admin socket). Each one first re-validates its request
+//! (names, sizes, limits) as if the caller were hostile, then calls the
+//! sandbox registry.
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use moat_proto::broker::admin_server::Admin;
 use moat_proto::broker::broker_server::Broker;
 use moat_proto::broker::{
-    Caller, GetMetricsReply, GetMetricsRequest, HealthReply, HealthRequest, RunCommandReply,
+    Caller, GetMetricsReply, GetMetricsRequest, HealthReply, HealthRequest, ListSandboxesReply,
+    ListSandboxesRequest, RemoveSandboxReply, RemoveSandboxRequest, RunCommandReply,
     RunCommandRequest, RunReplReply, RunReplRequest, StartSandboxReply, StartSandboxRequest,
     StopSandboxReply, StopSandboxRequest,
 };
@@ -160,5 +164,49 @@ impl Broker for BrokerService {
             "metrics"
         );
         Ok(Response::new(GetMetricsReply { sandboxes }))
+    }
+}
+
+/// The operator's `Admin` gRPC service (admin socket, root peers only).
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    sandboxes: Arc<Sandboxes>,
+}
+
+impl AdminService {
+    pub fn new(sandboxes: Arc<Sandboxes>) -> Self {
+        Self { sandboxes }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn list_sandboxes(
+        &self,
+        req: Request<ListSandboxesRequest>,
+    ) -> Result<Response<ListSandboxesReply>, Status> {
+        let ns = req.into_inner().namespace;
+        if let Some(ns) = &ns {
+            moat_proto::names::validate_name("namespace", ns)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let sandboxes = self.sandboxes.list(ns.as_deref()).await;
+        Ok(Response::new(ListSandboxesReply { sandboxes }))
+    }
+
+    async fn remove_sandbox(
+        &self,
+        req: Request<RemoveSandboxRequest>,
+    ) -> Result<Response<RemoveSandboxReply>, Status> {
+        let started = Instant::now();
+        let req = req.into_inner();
+        let key = SandboxKey::from_ref(req.sandbox.as_ref()).map_err(Status::from)?;
+        let operator = Caller {
+            key_id: "operator".into(),
+            namespaces: Vec::new(),
+        };
+        let r = self.sandboxes.remove(&key, req.stop).await;
+        let stopped = logged("remove", &key, Some(&operator), started, r)?;
+        Ok(Response::new(RemoveSandboxReply { stopped }))
     }
 }

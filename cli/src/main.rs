@@ -2,10 +2,12 @@
 //! root) and the gateway (dropped to the unprivileged user named by the
 //! broker config's `gateway_uid`) on this host, and stops both cleanly on
 //! Ctrl-C / SIGTERM; `moat server keygen` / `revoke` manage API keys;
-//! `moat image pull|import|ls|rm|gc` manage the image store.
+//! `moat image pull|import|ls|rm|gc` manage the image store; `moat sandbox
+//! ls|rm` list and forget stored sandboxes through the running broker.
 
 mod image;
 mod keys;
+mod sandbox;
 mod server;
 
 use anyhow::Result;
@@ -31,6 +33,11 @@ enum Command {
         #[command(subcommand)]
         command: image::ImageCommand,
     },
+    /// List and remove stored sandboxes (through the running broker).
+    Sandbox {
+        #[command(subcommand)]
+        command: sandbox::SandboxCommand,
+    },
 }
 
 fn main() {
@@ -38,6 +45,7 @@ fn main() {
     let result: Result<()> = match cli.command {
         Command::Server { command } => server::run(command),
         Command::Image { command } => image::run(command),
+        Command::Sandbox { command } => sandbox::run(command),
     };
     if let Err(e) = result {
         // The whole chain on one line, never a backtrace.

@@ -221,3 +221,231 @@ fn a_killed_vm_process_is_reported_and_cleaned() {
     s.stop_sandbox("victim");
     s.assert_no_leftovers();
 }
+
+/// Runs `moat sandbox ARGS --broker-config <the server's>`: (success,
+/// stdout, stderr).
+fn sandbox_cli(s: &Server, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(moat_e2e::bin_dir().join("moat"))
+        .arg("sandbox")
+        .args(args)
+        .arg("--broker-config")
+        .arg(&s.broker_config)
+        .output()
+        .expect("run moat sandbox");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `moat sandbox ls --json`, as (namespace/name, object).
+fn listed(s: &Server) -> Vec<(String, Value)> {
+    let (ok, out, err) = sandbox_cli(s, &["ls", "--json"]);
+    assert!(ok, "{err}");
+    out.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("json line");
+            (
+                format!(
+                    "{}/{}",
+                    v["namespace"].as_str().unwrap(),
+                    v["name"].as_str().unwrap()
+                ),
+                v,
+            )
+        })
+        .collect()
+}
+
+fn listed_one(s: &Server, key: &str) -> Option<Value> {
+    listed(s)
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
+fn start_in(s: &Server, namespace: &str, name: &str) {
+    s.ok(
+        "sandbox.start",
+        json!({"sandbox": name, "namespace": namespace, "config": {}}),
+    );
+}
+
+#[test]
+fn idle_and_old_sandboxes_are_stopped_and_the_operator_can_list_and_remove() {
+    let s = Server::start_with(Options {
+        lifecycle_toml: "check_interval_secs = 1\nidle_timeout_secs = 3\nstopped_retention_secs = 0\n[lifecycle.namespaces.busy]\nidle_timeout_secs = 0\nmax_lifetime_secs = 6\n".into(),
+        ..Default::default()
+    });
+    s.start_sandbox("idle", json!({}));
+    start_in(&s, "busy", "old");
+    // Metrics polling is not use: the idle one is stopped anyway.
+    wait_for("the idle sandbox stopped", Duration::from_secs(30), || {
+        metrics_of(&s, "idle")["running"] == false
+    });
+    let idle = listed_one(&s, "default/idle").expect("idle is listed");
+    assert_eq!(idle["running"], false, "{idle}");
+    assert!(
+        idle["stop_reason"]
+            .as_str()
+            .unwrap()
+            .contains("idle for 3s"),
+        "{idle}"
+    );
+    // The busy namespace has no idle limit but a maximum lifetime: kept
+    // busy, it is stopped all the same.
+    let old = || listed_one(&s, "busy/old").expect("old is listed");
+    assert_eq!(old()["running"], true);
+    wait_for("the old sandbox stopped", Duration::from_secs(30), || {
+        let _ = s.rpc(
+            "sandbox.command.run",
+            json!({"sandbox": "old", "namespace": "busy", "command": "true"}),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        old()["running"] == false
+    });
+    assert!(
+        old()["stop_reason"]
+            .as_str()
+            .unwrap()
+            .contains("maximum lifetime of 6s"),
+        "{}",
+        old()
+    );
+
+    // Removal by the operator.
+    let (ok, out, err) = sandbox_cli(&s, &["rm", "default/idle"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("removed default/idle"), "{out}");
+    assert!(listed_one(&s, "default/idle").is_none());
+    assert!(!s.state_dir.join("sandboxes/default/idle.record").exists());
+    let (code, _) = s.err(
+        "sandbox.start",
+        json!({"sandbox": "idle", "namespace": "default"}),
+    );
+    assert_eq!(code, -32003, "a removed definition is gone");
+    // A running one needs --stop.
+    s.start_sandbox("runner", json!({}));
+    let (ok, _, err) = sandbox_cli(&s, &["rm", "default/runner"]);
+    assert!(!ok && err.contains("is running"), "{err}");
+    let (ok, _, err) = sandbox_cli(&s, &["rm", "default/nope"]);
+    assert!(!ok && err.contains("not defined"), "{err}");
+    let (ok, out, err) = sandbox_cli(&s, &["rm", "default/runner", "--stop"]);
+    assert!(ok && out.contains("stopped first"), "{out}{err}");
+    let (ok, _, err) = sandbox_cli(&s, &["rm", "busy/old"]);
+    assert!(ok, "{err}");
+    assert!(listed(&s).is_empty());
+    s.assert_no_leftovers();
+    let log = s.log_text();
+    assert_eq!(log.matches("sandbox stopped").count(), 2, "{log}");
+}
+
+#[test]
+fn stopped_definitions_expire_and_a_namespace_keeps_a_bounded_number() {
+    let s = Server::start_with(Options {
+        lifecycle_toml: "check_interval_secs = 1\nstopped_retention_secs = 0\nmax_definitions_per_namespace = 2\n".into(),
+        ..Default::default()
+    });
+    for n in ["first", "second"] {
+        s.start_sandbox(n, json!({}));
+        s.stop_sandbox(n);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.start_sandbox("third", json!({}));
+    let names: Vec<String> = listed(&s).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(
+        names,
+        ["default/second", "default/third"],
+        "the longest-stopped one made room"
+    );
+    // With all of them running, no room is made.
+    s.ok(
+        "sandbox.start",
+        json!({"sandbox": "second", "namespace": "default"}),
+    );
+    let (code, msg) = s.err(
+        "sandbox.start",
+        json!({"sandbox": "fourth", "namespace": "default", "config": {}}),
+    );
+    assert_eq!(code, -32000, "{msg}");
+    assert!(msg.contains("max_definitions_per_namespace"), "{msg}");
+    s.stop_sandbox("second");
+    s.stop_sandbox("third");
+    s.assert_no_leftovers();
+
+    // Retention: a server that keeps stopped definitions for 2 s.
+    let r = Server::start_with(Options {
+        lifecycle_toml: "check_interval_secs = 1\nstopped_retention_secs = 2\n".into(),
+        ..Default::default()
+    });
+    r.start_sandbox("brief", json!({}));
+    r.stop_sandbox("brief");
+    assert!(listed_one(&r, "default/brief").is_some());
+    wait_for("the definition expired", Duration::from_secs(20), || {
+        listed_one(&r, "default/brief").is_none()
+    });
+    assert!(!r.state_dir.join("sandboxes/default/brief.record").exists());
+    assert!(r
+        .log_text()
+        .contains("stopped longer than lifecycle.stopped_retention_secs"));
+}
+
+#[test]
+fn a_full_state_disk_refuses_starts_clearly_and_loses_nothing() {
+    let mut s = Server::start_with(leaving_vms());
+    // The broker's whole state on a small tmpfs (mounted while it is down).
+    s.terminate(Duration::from_secs(60)).expect("stopped");
+    std::fs::remove_dir_all(&s.state_dir).unwrap();
+    std::fs::create_dir(&s.state_dir).unwrap();
+    let mount = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m,mode=0711", "tmpfs"])
+        .arg(&s.state_dir)
+        .status()
+        .unwrap();
+    assert!(mount.success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(s.state_dir.clone());
+    s.restart();
+    s.start_sandbox("before", json!({"envs": ["K=v"]}));
+    let id = boot_id(&s, "before");
+    // Fill it up.
+    let filler = s.state_dir.join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=100"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let (code, msg) = s.err(
+        "sandbox.start",
+        json!({"sandbox": "after", "namespace": "default", "config": {}}),
+    );
+    assert_eq!(code, -32603, "{msg}");
+    assert!(msg.contains("full") && msg.contains("free space"), "{msg}");
+    // What runs and what was stored are intact.
+    assert_eq!(first_line(&s, "before", "sh", &["-c", "echo $K"]), "v");
+    assert!(listed_one(&s, "default/after").is_none());
+    assert_eq!(
+        listed_one(&s, "default/before").expect("listed")["running"],
+        true
+    );
+    // With space again, starts work, and a restart still finds everything.
+    std::fs::remove_file(&filler).unwrap();
+    s.start_sandbox("after", json!({}));
+    s.stop_sandbox("after");
+    s.terminate(Duration::from_secs(60)).expect("stopped");
+    s.restart();
+    assert_eq!(boot_id(&s, "before"), id);
+    assert_eq!(first_line(&s, "before", "sh", &["-c", "echo $K"]), "v");
+    assert_eq!(metrics_of(&s, "after")["running"], false);
+    s.stop_sandbox("before");
+    s.assert_no_leftovers();
+}

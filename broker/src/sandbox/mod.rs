@@ -7,6 +7,7 @@
 mod exec;
 mod image;
 mod journal;
+mod lifetimes;
 mod process;
 pub mod spec;
 mod vm;
@@ -93,12 +94,16 @@ pub struct Sandboxes {
     /// Each definition's `depends_on`, readable without the entry locks
     /// (for ordering and cycle checks).
     dependencies: Mutex<HashMap<SandboxKey, Vec<String>>>,
+    /// Starts in progress (`limits.max_starts_in_progress`).
+    starting: Arc<tokio::sync::Semaphore>,
     shutting_down: AtomicBool,
 }
 
 impl Sandboxes {
     pub fn new(ctx: LaunchContext) -> Self {
+        let starts = ctx.config.limits.max_starts_in_progress as usize;
         Self {
+            starting: Arc::new(tokio::sync::Semaphore::new(starts)),
             ctx: Arc::new(ctx),
             entries: Mutex::new(HashMap::new()),
             dependencies: Mutex::new(HashMap::new()),
@@ -145,6 +150,12 @@ impl Sandboxes {
     ) -> Result<bool, BrokerError> {
         self.check_open()?;
         let cfg = &self.ctx.config;
+        let _start_permit = self.starting.clone().try_acquire_owned().map_err(|_| {
+            BrokerError::Busy(format!(
+                "{} sandbox starts are already in progress, the server's limit (limits.max_starts_in_progress); retry in a few seconds",
+                cfg.limits.max_starts_in_progress
+            ))
+        })?;
         let wanted = match config {
             Some(c) => {
                 if c.volumes.iter().any(|v| !v.starts_with('/')) {
@@ -288,6 +299,9 @@ impl Sandboxes {
         // The definition is durable before anything runs for it.
         let base = match (wanted, &e.record) {
             (Some((w, config)), old) => {
+                if old.is_none() {
+                    self.make_room_for(key)?;
+                }
                 let mut record = old.clone().unwrap_or_else(|| SandboxRecord {
                     namespace: key.namespace.clone(),
                     name: key.name.clone(),
@@ -310,7 +324,10 @@ impl Sandboxes {
         };
         let spec = e.definition.clone().ok_or_else(|| not_defined(key))?;
         let mut journal = Journal::new(self.ctx.state.clone(), base);
-        journal.stage(|r| r.owner_key_id = caller_key_id.to_owned());
+        journal.stage(|r| {
+            r.owner_key_id = caller_key_id.to_owned();
+            r.stop_reason.clear();
+        });
         let launched = vm::launch(&self.ctx, &key.namespace, &key.name, spec, &mut journal).await;
         e.record = Some(journal.into_record());
         let vm = launched?;
@@ -334,7 +351,7 @@ impl Sandboxes {
         let vm = e.vm.take().ok_or_else(|| not_running(key))?;
         let grace = Duration::from_secs(u64::from(self.ctx.config.limits.stop_timeout_secs));
         vm.stop(&self.ctx, grace).await?;
-        record_stopped(&self.ctx, &mut e).await;
+        record_stopped(&self.ctx, &mut e, None).await;
         Ok(())
     }
 
@@ -546,7 +563,15 @@ impl Sandboxes {
                     match vm.stop(&ctx, grace).await {
                         Ok(()) => {
                             tracing::info!(sandbox = %key, "stopped at shutdown");
-                            record_stopped(&ctx, &mut e).await;
+                            record_stopped(
+                                &ctx,
+                                &mut e,
+                                Some(
+                                    "the broker shut down (lifecycle.stop_sandboxes_on_shutdown)"
+                                        .into(),
+                                ),
+                            )
+                            .await;
                         }
                         Err(e) => tracing::error!(sandbox = %key, error = %e, "stop at shutdown"),
                     }
@@ -561,7 +586,7 @@ impl Sandboxes {
 /// Records that the sandbox's VM is gone (everything was released). A failed
 /// write is logged: the next broker start finds the VM gone and cleans the
 /// record then.
-async fn record_stopped(ctx: &LaunchContext, e: &mut Entry) {
+async fn record_stopped(ctx: &LaunchContext, e: &mut Entry, reason: Option<String>) {
     let Some(record) = e.record.take() else {
         return;
     };
@@ -570,6 +595,7 @@ async fn record_stopped(ctx: &LaunchContext, e: &mut Entry) {
         .save(|r| {
             r.vm = None;
             r.stopped_at_ms = crate::state::now_ms();
+            r.stop_reason = reason.unwrap_or_default();
         })
         .await
     {

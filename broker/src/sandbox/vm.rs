@@ -83,6 +83,8 @@ pub struct RunningVm {
     /// CPU use over the last sampling interval, percent of one CPU (f64 bits;
     /// NaN until the first interval has passed).
     cpu_percent: Arc<AtomicU64>,
+    /// When a call last began or ended (ms since the Unix epoch).
+    last_used: Arc<AtomicU64>,
     resources: VmResources,
 }
 
@@ -93,7 +95,15 @@ pub struct CallHandle {
     pub spec: SandboxSpec,
     pub exit: ExitWatch,
     pub repl_sessions: super::exec::ReplSessions,
+    last_used: Arc<AtomicU64>,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for CallHandle {
+    fn drop(&mut self) {
+        self.last_used
+            .store(crate::state::now_ms(), Ordering::Relaxed);
+    }
 }
 
 /// What a VM holds on the host; released exactly once.
@@ -337,6 +347,7 @@ pub async fn launch(
             pid: parts.identity.map(|i| i.pid),
             calls: Arc::new(Semaphore::new(limits.max_calls_per_sandbox as usize)),
             repl_sessions: Default::default(),
+            last_used: Arc::new(AtomicU64::new(crate::state::now_ms())),
             resources: res,
         }),
         Err(e) => {
@@ -533,9 +544,10 @@ async fn boot(
     let deadline = started + boot_timeout;
     let handshake = async {
         // The VMM waits for this connection before running the guest.
-        console.attach(&console_socket, deadline).await?;
+        console.attach(&console_socket, uid, deadline).await?;
         AgentClient::connect(
             &agent_socket,
+            uid,
             limits.max_agent_frame_bytes as usize,
             deadline,
         )
@@ -706,13 +718,26 @@ impl RunningVm {
     /// A handle for one call, or `None` when the sandbox's call limit is reached.
     pub fn call_handle(&self) -> Option<CallHandle> {
         let permit = self.calls.clone().try_acquire_owned().ok()?;
+        self.last_used
+            .store(crate::state::now_ms(), Ordering::Relaxed);
         Some(CallHandle {
             agent: self.agent.clone(),
             spec: self.effective.clone(),
             exit: self.exit.clone(),
             repl_sessions: self.repl_sessions.clone(),
+            last_used: self.last_used.clone(),
             _permit: permit,
         })
+    }
+
+    /// When a call last began or ended, ms since the Unix epoch.
+    pub fn last_used_ms(&self) -> u64 {
+        self.last_used.load(Ordering::Relaxed)
+    }
+
+    /// Whether a call is running in it now.
+    pub fn has_calls_in_flight(&self, max_calls: u32) -> bool {
+        self.calls.available_permits() < max_calls as usize
     }
 
     /// Stops the VM: asks the guest to power off, kills the VM process after
@@ -835,11 +860,15 @@ pub async fn adopt(
         );
         let deadline = Instant::now() + ADOPT_AGENT_WAIT;
         let console = ConsoleLog::new(CONSOLE_BYTES);
-        if let Err(e) = console.attach(&res.dir.join("console.sock"), deadline).await {
+        if let Err(e) = console
+            .attach(&res.dir.join("console.sock"), rec.uid, deadline)
+            .await
+        {
             tracing::warn!(sandbox = hostname, error = %e, "re-adopted without its console");
         }
         let (agent, _hello) = AgentClient::connect(
             &res.dir.join("agent.sock"),
+            rec.uid,
             limits.max_agent_frame_bytes as usize,
             deadline,
         )
@@ -874,6 +903,7 @@ pub async fn adopt(
             pid: Some(rec.pid),
             calls: Arc::new(Semaphore::new(limits.max_calls_per_sandbox as usize)),
             repl_sessions: Default::default(),
+            last_used: Arc::new(AtomicU64::new(crate::state::now_ms())),
             resources: res,
         }),
         Err(why) => {

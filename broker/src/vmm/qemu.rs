@@ -90,6 +90,9 @@ impl Vmm for Qemu {
                 .map(|t| format!(",bus=virtio-mmio-bus.{t}"))
                 .unwrap_or_default()
         };
+        // Disk errors (a full host filesystem) go to the guest as I/O
+        // errors (werror/rerror=report) instead of pausing the whole VM,
+        // which would leave its agent silent.
         let throttle = throttling(&spec.disk_io);
         push(&[
             "-drive",
@@ -101,7 +104,7 @@ impl Vmm for Qemu {
             &format!("virtio-blk-device,drive=image,serial=moat-image{}", bus()),
             "-drive",
             &format!(
-                "id=rw,file={},format=raw,if=none,discard=unmap{throttle}",
+                "id=rw,file={},format=raw,if=none,discard=unmap,werror=report,rerror=report{throttle}",
                 path(&spec.writable_disk)
             ),
             "-device",
