@@ -219,6 +219,12 @@ impl<W: Write + Send + 'static> Server<W> {
                         if let Some(bytes) = misbehaviour.bytes() {
                             self.write_raw(id, &bytes);
                         }
+                        if misbehaviour == testhook::Misbehaviour::Hang {
+                            // This is the reader: nothing is read again.
+                            loop {
+                                thread::park();
+                            }
+                        }
                     }
                     Err(message) => self.reply(&failure(id, message)),
                 }

@@ -11,7 +11,9 @@
 //! - `oversized`: a frame header claiming 1 GiB, then a few bytes;
 //! - `garbage`: a valid 4-byte length header followed by bytes that do not
 //!   decode as a `GuestMessage`;
-//! - `stall`: no reply at all (the request's slot is freed anyway).
+//! - `stall`: no reply at all (the request's slot is freed anyway);
+//! - `hang`: the agent stops reading its channel for good (a hung agent:
+//!   no request is answered again, not even a shutdown).
 //!
 //! Any other argument gets a `Failure` listing these. When off, such an
 //! `Exec` is an ordinary command (normally exit code 127, not found).
@@ -37,6 +39,7 @@ pub enum Misbehaviour {
     Oversized,
     Garbage,
     Stall,
+    Hang,
 }
 
 impl Misbehaviour {
@@ -51,7 +54,7 @@ impl Misbehaviour {
             // Field 1 with wire type 7, which does not exist: any protobuf
             // decoder rejects it at the first byte.
             Misbehaviour::Garbage => Some(vec![0, 0, 0, 6, 0x0f, 0xff, 0xff, 0xff, 0xff, 0xff]),
-            Misbehaviour::Stall => None,
+            Misbehaviour::Stall | Misbehaviour::Hang => None,
         }
     }
 }
@@ -69,11 +72,12 @@ pub fn intercept(msg: &HostMessage) -> Option<Result<Misbehaviour, String>> {
         Some("oversized") => Ok(Misbehaviour::Oversized),
         Some("garbage") => Ok(Misbehaviour::Garbage),
         Some("stall") => Ok(Misbehaviour::Stall),
+        Some("hang") => Ok(Misbehaviour::Hang),
         Some(other) => Err(format!(
-            "{PROGRAM}: unknown hook {other:?}; known hooks: oversized, garbage, stall"
+            "{PROGRAM}: unknown hook {other:?}; known hooks: oversized, garbage, stall, hang"
         )),
         None => Err(format!(
-            "{PROGRAM}: no hook named; known hooks: oversized, garbage, stall"
+            "{PROGRAM}: no hook named; known hooks: oversized, garbage, stall, hang"
         )),
     })
 }
@@ -105,6 +109,10 @@ mod tests {
         assert_eq!(
             intercept(&exec(PROGRAM, &["stall"])),
             Some(Ok(Misbehaviour::Stall))
+        );
+        assert_eq!(
+            intercept(&exec(PROGRAM, &["hang"])),
+            Some(Ok(Misbehaviour::Hang))
         );
         assert!(matches!(intercept(&exec(PROGRAM, &["nope"])), Some(Err(_))));
         assert!(matches!(intercept(&exec(PROGRAM, &[])), Some(Err(_))));

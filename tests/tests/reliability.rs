@@ -449,3 +449,133 @@ fn a_full_state_disk_refuses_starts_clearly_and_loses_nothing() {
     s.stop_sandbox("before");
     s.assert_no_leftovers();
 }
+
+#[test]
+fn a_hung_agent_fails_calls_within_their_timeout_and_stop_still_works() {
+    let s = Server::start_with(Options {
+        agent_test_hooks: true,
+        ..Default::default()
+    });
+    s.start_sandbox("wedged", json!({}));
+    // The agent stops reading its channel for good.
+    let (code, msg) = s.err(
+        "sandbox.command.run",
+        json!({"sandbox": "wedged", "namespace": "default", "command": "moat-test-hook", "args": ["hang"], "timeout": 1}),
+    );
+    assert_eq!(code, -32603, "{msg}");
+    assert!(msg.contains("stopped answering"), "{msg}");
+    for (method, params) in [
+        (
+            "sandbox.command.run",
+            json!({"sandbox": "wedged", "namespace": "default", "command": "true", "timeout": 1}),
+        ),
+        (
+            "sandbox.repl.run",
+            json!({"sandbox": "wedged", "namespace": "default", "language": "python", "code": "1", "timeout": 1}),
+        ),
+    ] {
+        let t = Instant::now();
+        let (code, msg) = s.err(method, params);
+        assert_eq!(code, -32603, "{method}: {msg}");
+        assert!(msg.contains("stopped answering"), "{method}: {msg}");
+        // Timeout (1 s) plus the broker's margin (15 s for commands, 40 s
+        // for cells, which may start an interpreter), never an endless wait.
+        assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+        println!("{method} on a hung agent failed after {:?}", t.elapsed());
+    }
+    assert_eq!(
+        metrics_of(&s, "wedged")["running"],
+        true,
+        "the VM itself runs"
+    );
+    s.stop_sandbox("wedged");
+    s.assert_no_leftovers();
+}
+
+/// Open fds and resident memory (KiB) of a process.
+fn fds_and_rss(pid: i32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|rd| rd.count())
+        .unwrap_or(0);
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0);
+    (fds, rss)
+}
+
+#[test]
+fn churn_leaves_nothing_behind() {
+    const CYCLES: usize = 200;
+    const WORKERS: usize = 4;
+    let s = Server::start_with(Options {
+        max_sandboxes: 8,
+        ..Default::default()
+    });
+    let broker = s.broker_pid().expect("broker");
+    let cycle = |worker: usize, i: usize| {
+        let namespace = ["churn-a", "churn-b"][i % 2];
+        let name = format!("w{worker}");
+        // Every other cycle with a NIC (tap, firewall elements, resolver).
+        let scope = if i % 4 < 2 { "none" } else { "group" };
+        s.ok(
+            "sandbox.start",
+            json!({"sandbox": name, "namespace": namespace, "config": {"scope": scope}}),
+        );
+        let r = s.ok(
+            "sandbox.command.run",
+            json!({"sandbox": name, "namespace": namespace, "command": "echo", "args": [format!("{worker}-{i}")]}),
+        );
+        assert_eq!(
+            Server::stdout_lines(&r),
+            vec![format!("{worker}-{i}")],
+            "{r}"
+        );
+        s.ok(
+            "sandbox.stop",
+            json!({"sandbox": name, "namespace": namespace}),
+        );
+    };
+    // Warm-up (first use of every code path), then the baseline.
+    for w in 0..WORKERS {
+        cycle(w, w);
+    }
+    let (fds0, rss0) = fds_and_rss(broker);
+    let started = Instant::now();
+    std::thread::scope(|t| {
+        for w in 0..WORKERS {
+            let cycle = &cycle;
+            t.spawn(move || {
+                for i in 0..CYCLES / WORKERS {
+                    cycle(w, i);
+                }
+            });
+        }
+    });
+    let elapsed = started.elapsed();
+    // The last stop's process may still be being reaped.
+    s.assert_no_leftovers();
+    assert_eq!(
+        s.jail_dirs(),
+        Vec::<std::path::PathBuf>::new(),
+        "jail roots left"
+    );
+    assert_eq!(s.taps(), Vec::<String>::new(), "taps left");
+    let (fds1, rss1) = fds_and_rss(broker);
+    println!(
+        "churn: {CYCLES} start/run/stop cycles, {WORKERS} at a time, in {:.1} s ({:.1} cycles/min); broker fds {fds0} -> {fds1}, RSS {rss0} KiB -> {rss1} KiB",
+        elapsed.as_secs_f64(),
+        CYCLES as f64 * 60.0 / elapsed.as_secs_f64()
+    );
+    assert!(fds1 <= fds0 + 4, "broker fds grew: {fds0} -> {fds1}");
+    assert!(
+        rss1 <= rss0 + 32 * 1024,
+        "broker RSS grew by more than 32 MiB: {rss0} -> {rss1} KiB"
+    );
+    assert_eq!(s.broker_pid(), Some(broker), "the broker never restarted");
+}

@@ -249,7 +249,7 @@ async fn call(
                 "the sandbox's VM is gone ({status}); stop the sandbox and start it again"
             )),
             (AgentError::Timeout(_), None) => BrokerError::Failed(format!(
-                "the guest agent did not report the {what}'s end within {wait:?}"
+                "the guest agent stopped answering: it did not report the {what}'s end within {wait:?} (its timeout plus a margin); if this repeats the sandbox is wedged: stop it and start it again"
             )),
             (AgentError::Refused(m), None) => BrokerError::Failed(m),
             (e, None) => BrokerError::Failed(format!("{what} execution failed: {e}")),
