@@ -6,7 +6,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PORT ?= 5555
 
-.PHONY: help setup dev test lint unit e2e fuzz bench bench-gateway bench-images bench-network clean
+.PHONY: help setup dev test lint unit e2e fuzz bench bench-gateway bench-images bench-network bench-reliability clean
 
 help:
 	@echo "make dev   - install what is needed, build, run moat (gateway on 127.0.0.1:$(PORT), dev mode)"
@@ -63,6 +63,12 @@ bench-images: setup
 bench-network: setup
 	$(CARGO) build --locked --release -p moat-e2e --bin moat-bench-network
 	MOAT_BUILD_DIR=$(CURDIR)/build MOAT_BIN_DIR=$(CURDIR)/target/release target/release/moat-bench-network
+
+# Broker crash -> every running sandbox answering again (re-adoption), next
+# to starting them cold; churn cycles per minute (tests/src/bin/bench_reliability.rs).
+bench-reliability: setup
+	$(CARGO) build --locked --release -p moat-e2e --bin moat-bench-reliability
+	MOAT_BUILD_DIR=$(CURDIR)/build MOAT_BIN_DIR=$(CURDIR)/target/release target/release/moat-bench-reliability
 
 # Gateway throughput and latency with wrk (see tests/tests/gateway_bench.rs).
 bench-gateway: setup

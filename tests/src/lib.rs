@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 pub mod registry;
+pub mod stats;
 pub mod testnet;
 
 static SERVERS: AtomicU32 = AtomicU32::new(0);
@@ -141,6 +142,8 @@ pub struct Server {
     pub gateway_config: Option<PathBuf>,
     /// This server's nftables table.
     pub net_table: String,
+    /// Name prefix of this server's tap devices.
+    pub net_prefix: String,
     port: u16,
     keys: bool,
     agent: ureq::Agent,
@@ -208,6 +211,7 @@ impl Server {
         let build = build_dir();
         let (uid, gid) = user_ids("moat");
         let net_table = format!("moate2e_{}_{n}", std::process::id());
+        let net_prefix = format!("me{}x{n}x", std::process::id() % 10000);
         let uid_count = 16;
         // uid_base + uid_count is the server's volume owner (VMs with volumes
         // run as it), so servers are spaced by one more.
@@ -273,7 +277,7 @@ owner_gid = {volume_owner}
                 format!("stop_sandboxes_on_shutdown = true\n{}", opts.lifecycle_toml)
             },
             net_table = net_table,
-            net_prefix = format_args!("me{}x{n}x", std::process::id() % 10000),
+            net_prefix = net_prefix,
             net_subnet = {
                 // A /26 (16 sandboxes) of 10.128.0.0/9 per server.
                 let block = (std::process::id() % 1000) * 32 + n % 32;
@@ -367,6 +371,7 @@ owner_gid = {volume_owner}
             broker_config: config_path,
             gateway_config,
             net_table,
+            net_prefix,
             port,
             keys: opts.keys,
             agent,
@@ -717,6 +722,25 @@ owner_gid = {volume_owner}
         found
     }
 
+    /// Tap devices of this server that exist.
+    pub fn taps(&self) -> Vec<String> {
+        fs::read_dir("/sys/class/net")
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(&self.net_prefix))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Jail roots that exist.
+    pub fn jail_dirs(&self) -> Vec<PathBuf> {
+        fs::read_dir(self.state_dir.join("jails"))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+
     /// Per-VM directories (disks, sockets) that exist.
     pub fn vm_dirs(&self) -> Vec<PathBuf> {
         fs::read_dir(self.state_dir.join("vms"))
@@ -863,6 +887,31 @@ impl Server {
             }
         }
         out
+    }
+
+    /// Pid of the running moat-gateway.
+    pub fn gateway_pid(&self) -> Option<i32> {
+        self.daemons()
+            .into_iter()
+            .find(|(_, _, name)| name == "moat-gateway")
+            .map(|(pid, _, _)| pid)
+    }
+
+    /// Waits up to `limit` for the supervisor to exit on its own (it is not
+    /// signalled): its status, or `None` when it is still running then.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(st)) = child.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            if start.elapsed() >= limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Sends SIGTERM to the supervisor and waits for it to exit.

@@ -579,3 +579,49 @@ fn churn_leaves_nothing_behind() {
     );
     assert_eq!(s.broker_pid(), Some(broker), "the broker never restarted");
 }
+
+#[test]
+fn a_stop_interrupted_by_a_broker_crash_is_finished() {
+    let s = Server::start_with(Options {
+        agent_test_hooks: true,
+        lifecycle_toml: "stop_sandboxes_on_shutdown = false".into(),
+        ..Default::default()
+    });
+    s.start_sandbox("halting", json!({}));
+    s.start_sandbox("bystander", json!({}));
+    let id = boot_id(&s, "bystander");
+    std::thread::scope(|t| {
+        // A hung agent makes the stop wait limits.stop_timeout_secs (10 s)
+        // before it kills the VM: the broker dies in that window.
+        t.spawn(|| {
+            s.rpc(
+                "sandbox.command.run",
+                json!({"sandbox": "halting", "namespace": "default", "command": "moat-test-hook", "args": ["hang"], "timeout": 1}),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let stop = t.spawn(|| {
+            s.rpc(
+                "sandbox.stop",
+                json!({"sandbox": "halting", "namespace": "default"}),
+            )
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        kill9(s.broker_pid().expect("broker"));
+        let reply = stop.join().unwrap();
+        assert_eq!(reply["error"]["code"], -32000, "{reply}");
+    });
+    wait_broker_answers(&s);
+    assert!(
+        s.log_text().contains("its stop was interrupted"),
+        "{}",
+        s.log_text()
+    );
+    assert_eq!(metrics_of(&s, "halting")["running"], false);
+    wait_for("one VM left", Duration::from_secs(10), || {
+        s.vm_pids().len() == 1
+    });
+    assert_eq!(boot_id(&s, "bystander"), id);
+    s.stop_sandbox("bystander");
+    s.assert_no_leftovers();
+}

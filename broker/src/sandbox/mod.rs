@@ -348,6 +348,26 @@ impl Sandboxes {
     pub async fn stop(&self, key: &SandboxKey) -> Result<(), BrokerError> {
         let entry = self.existing(key).ok_or_else(|| not_running(key))?;
         let mut e = entry.lock().await;
+        if e.vm.is_none() {
+            return Err(not_running(key));
+        }
+        // Durable first, so a broker killed during the stop finishes it. A
+        // stop goes on even when this cannot be written (a full state
+        // disk): a restart would then re-adopt the VM if it still runs.
+        if let Some(record) = e.record.clone() {
+            let mut journal = Journal::new(self.ctx.state.clone(), record);
+            let stopping = journal
+                .save(|r| {
+                    if let Some(vm) = r.vm.as_mut() {
+                        vm.phase = moat_proto::state::vm_record::Phase::Stopping as i32;
+                    }
+                })
+                .await;
+            if let Err(err) = stopping {
+                tracing::warn!(sandbox = %key, error = %err, "stopping without a durable record of it");
+            }
+            e.record = Some(journal.into_record());
+        }
         let vm = e.vm.take().ok_or_else(|| not_running(key))?;
         let grace = Duration::from_secs(u64::from(self.ctx.config.limits.stop_timeout_secs));
         vm.stop(&self.ctx, grace).await?;
@@ -506,6 +526,10 @@ impl Sandboxes {
                             None
                         }
                     }
+                }
+                Some(v) if v.phase == moat_proto::state::vm_record::Phase::Stopping as i32 => {
+                    tracing::warn!(sandbox = %key, slot = v.slot, "its stop was interrupted by a broker exit: finished");
+                    None
                 }
                 Some(v) => {
                     tracing::warn!(sandbox = %key, slot = v.slot, "its start was interrupted by a broker exit: cleaned");

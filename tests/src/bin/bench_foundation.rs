@@ -8,27 +8,9 @@
 
 use std::time::{Duration, Instant};
 
+use moat_e2e::stats::report;
 use moat_e2e::{peak_rss_kib, Options, Server};
 use serde_json::json;
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
-fn report(name: &str, unit: &str, mut v: Vec<f64>) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    println!(
-        "{name:<40} n={:<3} median={:>9.2} {unit}  p99={:>9.2} {unit}  min={:>9.2} {unit}",
-        v.len(),
-        percentile(&v, 0.5),
-        percentile(&v, 0.99),
-        v.first().copied().unwrap_or(f64::NAN)
-    );
-}
 
 fn main() {
     let runs: usize = std::env::args()

@@ -15,16 +15,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use moat_e2e::registry::{push, Auth, Format, Registry};
+use moat_e2e::stats::percentile;
 use moat_e2e::{bin_dir, build_dir};
 use serde_json::json;
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
 
 struct Row {
     name: String,

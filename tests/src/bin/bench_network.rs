@@ -10,29 +10,10 @@
 
 use std::time::Instant;
 
+use moat_e2e::stats::report;
 use moat_e2e::testnet::TestHost;
 use moat_e2e::{Options, Server};
 use serde_json::json;
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
-fn report(name: &str, unit: &str, mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let median = percentile(&v, 0.5);
-    println!(
-        "{name:<44} n={:<3} median={:>9.2} {unit}  p99={:>9.2} {unit}",
-        v.len(),
-        median,
-        percentile(&v, 0.99),
-    );
-    median
-}
 
 /// Test-host servers, timed with the host's clock (a TCG guest's clock can
 /// be coarse): 9000 sinks an upload, 9003 sends 64 MiB, 9001 accepts and
