@@ -1,18 +1,23 @@
 //! `moat server start`: supervises moat-broker and moat-gateway. Both run in
-//! their own process groups; the CLI forwards SIGINT/SIGTERM to them and
-//! waits for the broker to finish (bounded). A broker that crashes (killed,
-//! or a failure exit) is started again with backoff, like systemd's
-//! `Restart=on-failure`: it re-adopts the running sandboxes, and the gateway
-//! reconnects. If the gateway dies, or the broker exits cleanly or keeps
-//! crashing, the survivor is stopped. Without `--dev` the gateway requires API keys: the CLI
-//! creates the signing secret at first start (mode 0600, owned by the
-//! gateway's user) and hands the gateway its config file. Also the
+//! their own process groups; on SIGINT/SIGTERM the CLI stops the gateway
+//! (letting in-flight requests finish within its `shutdown_grace_secs`),
+//! then the broker (bounded). Either daemon that crashes (killed by a
+//! signal, or a failure exit) is started again with backoff, like systemd's
+//! `Restart=on-failure`, while the other keeps running: a new broker
+//! re-adopts the running sandboxes and the gateway reconnects to it; a new
+//! gateway serves the same address (clients see refused connections while
+//! it is down; MCP sessions start over). After five crashes (`MAX_CRASHES`)
+//! in a row of one daemon, or when either exits cleanly (status 0: someone
+//! other than this supervisor told it to stop), the survivor is stopped too
+//! and the CLI exits with status 1. Without `--dev` the gateway requires API
+//! keys: the CLI creates the signing secret at first start (mode 0600, owned
+//! by the gateway's user) and hands the gateway its config file. Also the
 //! `keygen` / `revoke` subcommands (`crate::keys`).
 
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -130,7 +135,7 @@ fn start(args: StartArgs) -> Result<()> {
 
     eprintln!("moat: starting broker ({})", broker_bin.display());
     let mut broker = start_broker(&broker_bin, &args.broker_config, &config.socket)?;
-    let mut crashes = Crashes::default();
+    let mut broker_crashes = Crashes::default();
 
     eprintln!(
         "moat: starting gateway on http://{listen} as uid {} ({})",
@@ -141,36 +146,27 @@ fn start(args: StartArgs) -> Result<()> {
             "API keys required; make one with `moat server keygen`"
         }
     );
-    let mut gateway_cmd = Command::new(&gateway_bin);
-    if args.dev {
-        gateway_cmd.arg("--dev");
-    }
-    if let Some(file) = &gateway_config_file {
-        gateway_cmd.arg("--config").arg(file);
-    }
-    let mut gateway = supervised(&mut gateway_cmd)
-        .args(["--listen", &listen.to_string(), "--broker-socket"])
-        .arg(&config.socket)
-        .env_clear()
-        .envs(std::env::vars().filter(|(k, _)| k == "MOAT_LOG" || k == "RUST_LOG" || k == "PATH"))
-        .uid(config.gateway_uid)
-        .gid(config.gateway_gid)
-        .current_dir("/")
-        .spawn()
-        .context("starting moat-gateway")?;
-    if let Err(e) = wait_until(
-        Duration::from_secs(30),
-        || TcpStream::connect(listen).is_ok(),
-        &mut gateway,
-    ) {
-        stop(&mut gateway, "gateway", Duration::from_secs(10));
-        stop(
-            &mut broker,
-            "broker",
-            Duration::from_secs(args.stop_timeout_secs),
-        );
-        return Err(e.context("the gateway did not come up"));
-    }
+    let gateway_spec = GatewaySpec {
+        bin: gateway_bin,
+        dev: args.dev,
+        config_file: gateway_config_file,
+        listen,
+        broker_socket: config.socket.clone(),
+        uid: config.gateway_uid,
+        gid: config.gateway_gid,
+    };
+    let mut gateway = match start_gateway(&gateway_spec) {
+        Ok(gateway) => gateway,
+        Err(e) => {
+            stop(
+                &mut broker,
+                "broker",
+                Duration::from_secs(args.stop_timeout_secs),
+            );
+            return Err(e);
+        }
+    };
+    let mut gateway_crashes = Crashes::default();
     eprintln!("moat: ready at http://{listen}/api/v1 (Ctrl-C to stop)");
 
     let code = loop {
@@ -186,7 +182,7 @@ fn start(args: StartArgs) -> Result<()> {
                         eprintln!("moat: broker exited ({st}); stopping the gateway");
                         break 1;
                     }
-                    let Some(delay) = crashes.next_delay() else {
+                    let Some(delay) = broker_crashes.next_delay() else {
                         eprintln!("moat: broker exited ({st}) {MAX_CRASHES} times in a row; stopping the gateway");
                         break 1;
                     };
@@ -201,13 +197,35 @@ fn start(args: StartArgs) -> Result<()> {
                     }
                 }
                 if let Ok(Some(st)) = gateway.try_wait() {
-                    eprintln!("moat: gateway exited ({st}); stopping the broker");
-                    break 1;
+                    if st.success() {
+                        eprintln!(
+                            "moat: gateway exited ({st}) without this supervisor asking; stopping the broker"
+                        );
+                        break 1;
+                    }
+                    match restart_gateway(&gateway_spec, &mut gateway_crashes, &st) {
+                        Restart::Started(g) => gateway = g,
+                        Restart::GaveUp => break 1,
+                        Restart::StopRequested => {
+                            eprintln!(
+                                "moat: stop requested while restarting the gateway, stopping"
+                            );
+                            break 0;
+                        }
+                    }
                 }
             }
         }
     };
-    stop(&mut gateway, "gateway", Duration::from_secs(10));
+    // The gateway finishes in-flight requests within its own grace; give it
+    // that and a little more before SIGKILL.
+    let gateway_grace = Duration::from_secs(
+        gateway_config
+            .timeouts
+            .shutdown_grace_secs
+            .saturating_add(5),
+    );
+    stop(&mut gateway, "gateway", gateway_grace);
     stop(
         &mut broker,
         "broker",
@@ -236,7 +254,113 @@ fn start_broker(bin: &Path, config_file: &Path, socket: &Path) -> Result<Child> 
     Ok(broker)
 }
 
-/// Broker crashes in a row (one that ran a minute is not "in a row").
+/// How `moat-gateway` is run (the same way at every (re)start).
+struct GatewaySpec {
+    bin: PathBuf,
+    dev: bool,
+    config_file: Option<PathBuf>,
+    listen: SocketAddr,
+    broker_socket: PathBuf,
+    uid: u32,
+    gid: u32,
+}
+
+/// How long a (re)started gateway may take to accept connections.
+const GATEWAY_START_LIMIT: Duration = Duration::from_secs(30);
+
+/// Starts the gateway (as its unprivileged uid/gid) and waits until it
+/// accepts connections; on failure it is stopped and the error says why.
+fn start_gateway(spec: &GatewaySpec) -> Result<Child> {
+    let mut cmd = Command::new(&spec.bin);
+    if spec.dev {
+        cmd.arg("--dev");
+    }
+    if let Some(file) = &spec.config_file {
+        cmd.arg("--config").arg(file);
+    }
+    let mut gateway = supervised(&mut cmd)
+        .args(["--listen", &spec.listen.to_string(), "--broker-socket"])
+        .arg(&spec.broker_socket)
+        .env_clear()
+        .envs(std::env::vars().filter(|(k, _)| k == "MOAT_LOG" || k == "RUST_LOG" || k == "PATH"))
+        .uid(spec.uid)
+        .gid(spec.gid)
+        .current_dir("/")
+        .spawn()
+        .context("starting moat-gateway")?;
+    if let Err(e) = wait_until(
+        GATEWAY_START_LIMIT,
+        || TcpStream::connect(spec.listen).is_ok(),
+        &mut gateway,
+    ) {
+        stop(&mut gateway, "gateway", Duration::from_secs(10));
+        return Err(e.context(format!(
+            "the gateway did not come up on {}; its log above says why",
+            spec.listen
+        )));
+    }
+    Ok(gateway)
+}
+
+/// What became of restarting a crashed gateway.
+enum Restart {
+    Started(Child),
+    /// [`MAX_CRASHES`] in a row: the stack stops.
+    GaveUp,
+    /// SIGINT/SIGTERM arrived meanwhile (it is still pending, and the
+    /// stack stops as for any stop).
+    StopRequested,
+}
+
+/// Starts the gateway again after it exited with `status`, with backoff;
+/// a start that fails counts as one more crash. The broker, and the
+/// sandboxes, keep running meanwhile.
+fn restart_gateway(spec: &GatewaySpec, crashes: &mut Crashes, status: &ExitStatus) -> Restart {
+    let mut cause = format!("exited ({status})");
+    loop {
+        let Some(delay) = crashes.next_delay() else {
+            eprintln!(
+                "moat: gateway {cause}, {MAX_CRASHES} failures in a row; stopping the broker"
+            );
+            return Restart::GaveUp;
+        };
+        eprintln!(
+            "moat: gateway {cause}; starting it again in {delay:?} (the broker and the sandboxes keep running)"
+        );
+        std::thread::sleep(delay);
+        if stop_requested() {
+            return Restart::StopRequested;
+        }
+        match start_gateway(spec) {
+            Ok(gateway) => {
+                eprintln!("moat: gateway back at http://{}", spec.listen);
+                return Restart::Started(gateway);
+            }
+            Err(e) => cause = format!("failed to start: {e:#}"),
+        }
+        if stop_requested() {
+            return Restart::StopRequested;
+        }
+    }
+}
+
+/// Whether SIGINT or SIGTERM is pending (they are blocked for `sigwait`,
+/// so they wait there until the main loop takes them).
+fn stop_requested() -> bool {
+    // SAFETY: sigpending fills a zero-initialised sigset_t on the stack
+    // through a valid pointer, and sigismember reads it; no other state.
+    unsafe {
+        let mut pending: libc::sigset_t = std::mem::zeroed();
+        if libc::sigpending(&mut pending) != 0 {
+            return false;
+        }
+        libc::sigismember(&pending, libc::SIGINT) == 1
+            || libc::sigismember(&pending, libc::SIGTERM) == 1
+    }
+}
+
+/// Crashes in a row, per daemon, before the stack gives up (one that ran a
+/// minute is not "in a row").
 const MAX_CRASHES: u32 = 5;
 
 #[derive(Default)]
@@ -325,4 +449,41 @@ fn stop(child: &mut Child, what: &str, grace: Duration) {
     eprintln!("moat: {what} did not stop within {grace:?}; killing it");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crashes_back_off_then_give_up() {
+        let mut crashes = Crashes::default();
+        let delays: Vec<Option<Duration>> =
+            (0..=MAX_CRASHES).map(|_| crashes.next_delay()).collect();
+        assert_eq!(
+            delays,
+            [250, 500, 1000, 2000, 4000]
+                .into_iter()
+                .map(|ms| Some(Duration::from_millis(ms)))
+                .chain([None])
+                .collect::<Vec<_>>()
+        );
+        // A crash a minute after the last one starts a new series.
+        crashes.last = Some(Instant::now() - Duration::from_secs(61));
+        assert_eq!(crashes.next_delay(), Some(Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn a_pending_sigterm_is_a_stop_request() {
+        let mut term = SigSet::empty();
+        term.add(Signal::SIGTERM);
+        term.thread_block().unwrap();
+        assert!(!stop_requested());
+        // Directed at this thread, where it is blocked: it stays pending.
+        nix::sys::signal::raise(Signal::SIGTERM).unwrap();
+        assert!(stop_requested());
+        assert_eq!(term.wait().unwrap(), Signal::SIGTERM);
+        assert!(!stop_requested());
+        term.thread_unblock().unwrap();
+    }
 }

@@ -1,8 +1,9 @@
 //! The gateway's only way to the privileged broker: a gRPC client
 //! (`moat.broker.v1.Broker`) over a Unix socket. It connects lazily (so the
 //! gateway starts, and answers health checks, before the broker is up),
-//! gives every call a deadline, and turns every failure into the wire error
-//! through [`crate::error::from_status`].
+//! holds a permit of the gateway-wide bound on calls in flight
+//! ([`BrokerCalls`]) for every call, gives every call a deadline, and turns
+//! every failure into the wire error through [`crate::error::from_status`].
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -19,20 +20,24 @@ use moat_proto::broker::{
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{from_status, RpcError};
+use crate::limits::broker_calls::BrokerCalls;
 
 /// A cheap-to-clone handle on the broker's gRPC service.
 #[derive(Debug, Clone)]
 pub struct Broker {
     client: BrokerClient<Channel>,
     socket: Arc<PathBuf>,
+    calls: BrokerCalls,
 }
 
 impl Broker {
-    /// A client for the broker listening on `socket`. Nothing is connected
-    /// until the first call; a broker that is down makes calls fail with
-    /// `-32000` (HTTP 503), and a later call connects again. Must be called
-    /// inside a Tokio runtime.
-    pub fn connect_lazy(socket: impl Into<PathBuf>) -> Self {
+    /// A client for the broker listening on `socket`, with at most
+    /// `max_calls` calls in flight at once (more are refused at once with
+    /// [`RpcError::at_capacity`]). Nothing is connected until the first
+    /// call; a broker that is down makes calls fail with `-32000` (HTTP
+    /// 503), and a later call connects again. Must be called inside a Tokio
+    /// runtime.
+    pub fn connect_lazy(socket: impl Into<PathBuf>, max_calls: usize) -> Self {
         let socket = Arc::new(socket.into());
         let dial = Arc::clone(&socket);
         // The URI is required by tonic but unused: the connector below dials
@@ -49,12 +54,18 @@ impl Broker {
         Broker {
             client: BrokerClient::new(channel),
             socket,
+            calls: BrokerCalls::new(max_calls),
         }
     }
 
     /// The broker socket this client dials.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The bound on calls in flight (for `/metrics`).
+    pub fn calls(&self) -> &BrokerCalls {
+        &self.calls
     }
 
     /// `Health`: does the broker answer?
@@ -133,7 +144,8 @@ impl Broker {
 
     /// Runs one unary call with `deadline`: sent to the broker as
     /// `grpc-timeout`, and enforced here too so a stuck connection cannot
-    /// hold a request forever.
+    /// hold a request forever. Refused at once, before anything is sent,
+    /// when the gateway already has `limits.max_broker_calls` in flight.
     async fn call<Req, Rep, F, Fut>(
         &self,
         deadline: Duration,
@@ -144,6 +156,7 @@ impl Broker {
         F: FnOnce(tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Rep>, tonic::Status>>,
     {
+        let _permit = self.calls.try_acquire()?;
         let mut request = tonic::Request::new(message);
         request.set_timeout(deadline);
         let started = Instant::now();

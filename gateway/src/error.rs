@@ -140,6 +140,19 @@ impl RpcError {
         err
     }
 
+    /// `-32000`, HTTP 503 with `Retry-After: 1`: the gateway already has
+    /// `max` broker calls in flight (`limits.max_broker_calls`, all keys
+    /// together). Nothing was done; the same call may simply be sent again.
+    pub fn at_capacity(max: usize) -> Self {
+        let mut err = Self::new(
+            ErrorCode::Server,
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the server is at its limit of {max} calls in flight; retry after a second"),
+        );
+        err.retry_after_secs = Some(1);
+        err
+    }
+
     /// `-32600`, HTTP 408: the client did not send its body in time.
     pub fn body_timeout(secs: u64) -> Self {
         Self::new(
@@ -155,7 +168,9 @@ impl RpcError {
         Self::new(ErrorCode::InvalidRequest, status, message)
     }
 
-    /// The `Retry-After` seconds of a 429.
+    /// The `Retry-After` seconds of a refusal made before any work was
+    /// done (429 over a key's rate or concurrency, 503 at the gateway's
+    /// bound on broker calls): the caller may send the same request again.
     pub fn retry_after_secs(&self) -> Option<u64> {
         self.retry_after_secs
     }
@@ -193,7 +208,7 @@ impl RpcError {
 
 impl IntoResponse for RpcError {
     /// A response made of this error alone: its HTTP status, a JSON-RPC
-    /// error object with `id: null`, and `Retry-After` on a 429.
+    /// error object with `id: null`, and `Retry-After` on a refusal.
     fn into_response(self) -> Response {
         let body = json!({"jsonrpc": "2.0", "error": self.to_json(), "id": null});
         let mut response = (self.status, Json(body)).into_response();
@@ -441,6 +456,23 @@ mod tests {
         let response = RpcError::unauthenticated("no").into_response();
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
         assert!(response.headers().get(header::RETRY_AFTER).is_none());
+    }
+
+    #[test]
+    fn at_capacity_is_503_with_retry_after_one_naming_the_limit() {
+        let err = RpcError::at_capacity(256);
+        assert_eq!(err.code().code(), -32000);
+        assert_eq!(err.retry_after_secs(), Some(1));
+        assert!(
+            err.message()
+                .contains("at its limit of 256 calls in flight")
+                && err.message().contains("retry after a second"),
+            "{}",
+            err.message()
+        );
+        let response = err.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! `GET /api/v1/health`: 200 `{"message":"Service is healthy"}` while the
-//! broker answers its `Health` call, 503 with the cause otherwise.
+//! broker answers its `Health` call, 503 with the cause otherwise (with
+//! `Retry-After` when the gateway is at its bound on broker calls, which
+//! health checks count against too).
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -27,11 +29,18 @@ pub async fn health(State(state): State<AppState>) -> Response {
         }
         Err(err) => {
             tracing::warn!(error = %err, "health: broker not answering");
-            (
+            let mut response = (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(json!({ "message": "Service is unhealthy", "error": err.message() })),
             )
-                .into_response()
+                .into_response();
+            if let Some(value) = err
+                .retry_after_secs()
+                .and_then(|s| HeaderValue::from_str(&s.to_string()).ok())
+            {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            response
         }
     }
 }

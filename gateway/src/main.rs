@@ -1,8 +1,10 @@
 //! `moat-gateway`: reads the command line and config file, checks the
 //! configuration, sets up logging (text or JSON), serves the public router
 //! on TCP (and a Unix socket when configured) and `/metrics` on its own
-//! address when configured, and shuts down gracefully on SIGINT or SIGTERM
-//! (in-flight requests get a bounded time to finish).
+//! address when configured, raises its open-files limit to fit
+//! `limits.max_connections`, and shuts down gracefully on SIGINT or SIGTERM:
+//! the listeners close at once (new connections are refused) and in-flight
+//! requests get `timeouts.shutdown_grace_secs` to finish; it then exits 0.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -11,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use moat_gateway::config::{Args, Config};
-use moat_gateway::serve::{serve, Listener, ServeOptions};
+use moat_gateway::serve::{ensure_open_files, serve, Listener, ServeOptions};
 use moat_gateway::{app, metrics_app, AppState};
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
@@ -80,6 +82,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen for /metrics on {addr}"))?;
         listeners.push((Listener::Tcp(listener), metrics_app(state.clone())));
+    }
+
+    // Every connection is a file descriptor: let the open-files limit allow
+    // limits.max_connections on every listener (plus room for the broker
+    // connection, logs and the like).
+    let wanted = (config.limits.max_connections as u64)
+        .saturating_mul(listeners.len() as u64)
+        .saturating_add(256);
+    match ensure_open_files(wanted) {
+        Ok(limit) if limit < wanted => tracing::warn!(
+            open_files_limit = limit,
+            wanted,
+            "the open-files limit (RLIMIT_NOFILE) is below what limits.max_connections needs on \
+             every listener; connections beyond it wait until others close. Raise the hard \
+             limit (ulimit -Hn, LimitNOFILE=) or lower limits.max_connections"
+        ),
+        Ok(limit) => tracing::debug!(open_files_limit = limit, "open-files limit"),
+        Err(err) => tracing::warn!(error = %err, "cannot read or raise the open-files limit"),
     }
 
     let options = ServeOptions {

@@ -1,5 +1,6 @@
 //! [`AppState`]: what every handler shares — the configuration, the broker
-//! client, the authenticator, the per-key limiters, the MCP sessions and the
+//! client (which holds the gateway-wide bound on calls in flight), the
+//! authenticator, the per-key limiters, the MCP sessions and the
 //! metrics. Built once from a validated [`Config`]; cheap to clone.
 
 use std::sync::Arc;
@@ -46,7 +47,7 @@ impl AppState {
     pub fn new(config: Config, authenticator: Authenticator) -> Self {
         let limits = &config.limits;
         let inner = Inner {
-            broker: Broker::connect_lazy(&config.broker_socket),
+            broker: Broker::connect_lazy(&config.broker_socket, limits.max_broker_calls),
             authenticator,
             rate: RateLimiter::new(limits.requests_per_sec, limits.burst),
             concurrency: ConcurrencyLimiter::new(limits.max_concurrent_per_key),

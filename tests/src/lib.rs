@@ -356,6 +356,10 @@ owner_gid = {volume_owner}
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(600)))
+            // Shorter than the gateway's idle keep-alive limit
+            // (timeouts.header_read_secs, 10 s): never reuse a connection
+            // the gateway may be closing.
+            .max_idle_age(Duration::from_secs(5))
             .build()
             .into();
         let mut server = Self {

@@ -30,6 +30,9 @@ pub use vm::{LaunchContext, RunningVm};
 
 use journal::Journal;
 
+/// How long a metrics request waits for a sandbox's lock.
+const METRICS_LOCK_WAIT: Duration = Duration::from_millis(200);
+
 /// Deepest `depends_on` chain a start follows.
 const MAX_DEPENDENCY_DEPTH: usize = 16;
 
@@ -429,11 +432,19 @@ impl Sandboxes {
                 .collect()
         };
         entries.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut out = Vec::with_capacity(entries.len());
-        for (key, entry) in entries {
-            // A sandbox in the middle of a start or stop holds its lock for
-            // seconds: report it as not running rather than wait.
-            let Ok(e) = entry.try_lock() else {
+        // A call holds a sandbox's lock for a moment (to take a handle), a
+        // start or stop for seconds: wait briefly for each (all at once),
+        // and report one still locked as not running rather than wait.
+        let locked = futures_util::future::join_all(entries.into_iter().map(|(key, entry)| async move {
+            let guard = tokio::time::timeout(METRICS_LOCK_WAIT, entry.lock_owned())
+                .await
+                .ok();
+            (key, guard)
+        }))
+        .await;
+        let mut out = Vec::with_capacity(locked.len());
+        for (key, guard) in locked {
+            let Some(e) = guard else {
                 out.push(SandboxMetrics {
                     namespace: key.namespace,
                     name: key.name,

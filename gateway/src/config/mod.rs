@@ -30,6 +30,11 @@ pub const DEFAULT_REVOCATION_FILE: &str = "/etc/moat/revoked-keys";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Default number of requests in one JSON-RPC batch.
 pub const DEFAULT_MAX_BATCH: usize = 64;
+/// Default bound on broker calls in flight (all keys together).
+pub const DEFAULT_MAX_BROKER_CALLS: usize = 256;
+/// Largest accepted `limits.max_broker_calls` (a sanity ceiling: far more
+/// than one broker serves usefully at once).
+pub const MAX_MAX_BROKER_CALLS: usize = 65_536;
 
 /// The gateway's typed configuration (the TOML file's shape).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -89,8 +94,14 @@ pub struct Limits {
     pub max_cpus: Option<u32>,
     /// Cap on `timeout` of `sandbox.command.run` / `sandbox.repl.run` (s).
     pub max_timeout_secs: Option<u32>,
-    /// Open TCP/Unix connections at once (more wait to be accepted).
+    /// Open TCP/Unix connections at once, per listener (more wait in the
+    /// kernel's backlog until one closes).
     pub max_connections: usize,
+    /// Broker calls in flight at once, all keys together (sandbox
+    /// operations, health checks, the metrics scrape's question). One more
+    /// is refused at once (HTTP 503, `-32000`, `Retry-After: 1`), never
+    /// queued.
+    pub max_broker_calls: usize,
     /// MCP sessions alive at once (all keys).
     pub max_mcp_sessions: usize,
     /// MCP sessions one key may hold (the oldest is dropped beyond this).
@@ -195,6 +206,7 @@ impl Default for Limits {
             max_cpus: None,
             max_timeout_secs: None,
             max_connections: 1024,
+            max_broker_calls: DEFAULT_MAX_BROKER_CALLS,
             max_mcp_sessions: 4096,
             max_mcp_sessions_per_key: 64,
         }
@@ -332,7 +344,7 @@ impl Config {
         }
         let l = &self.limits;
         let t = &self.timeouts;
-        let nonzero: [(&'static str, u64); 17] = [
+        let nonzero: [(&'static str, u64); 18] = [
             ("limits.max_body_bytes", l.max_body_bytes as u64),
             ("limits.max_json_depth", l.max_json_depth as u64),
             ("limits.max_batch", l.max_batch as u64),
@@ -342,6 +354,7 @@ impl Config {
             ),
             ("limits.burst", u64::from(l.burst)),
             ("limits.max_connections", l.max_connections as u64),
+            ("limits.max_broker_calls", l.max_broker_calls as u64),
             ("limits.max_mcp_sessions", l.max_mcp_sessions as u64),
             (
                 "limits.max_mcp_sessions_per_key",
@@ -371,6 +384,15 @@ impl Config {
             return Err(ConfigError::Invalid {
                 field: "limits.requests_per_sec",
                 message: format!("must be a positive number; got {}", l.requests_per_sec),
+            });
+        }
+        if l.max_broker_calls > MAX_MAX_BROKER_CALLS {
+            return Err(ConfigError::Invalid {
+                field: "limits.max_broker_calls",
+                message: format!(
+                    "at most {MAX_MAX_BROKER_CALLS}; got {}: lower it",
+                    l.max_broker_calls
+                ),
             });
         }
         if l.max_json_depth > 128 {

@@ -2,8 +2,11 @@
 //! that method's params (same names, same checks), so `tools/call` parses
 //! them with `rpc::params` and runs them with `rpc::call`. Bad arguments
 //! and unknown tools are JSON-RPC `-32602` (a key that does not cover the
-//! namespace: `-32002`, as on `/api/v1/rpc`); a failed sandbox operation is
-//! a result with `isError: true` and a message saying what to do.
+//! namespace: `-32002`, as on `/api/v1/rpc`); a call refused before it
+//! reached the broker because the gateway is at `limits.max_broker_calls`
+//! is JSON-RPC `-32000` (HTTP 503 + `Retry-After`, like the per-key limits
+//! in `crate::guard`); a failed sandbox operation is a result with
+//! `isError: true` and a message saying what to do.
 
 use std::time::Instant;
 
@@ -332,6 +335,10 @@ pub async fn call(
     );
     Ok(match outcome {
         Ok(result) => success(result, has_structured_output(version)),
+        // A refusal made before any work (the gateway's bound on broker
+        // calls): nothing happened, so it is the request that failed, as
+        // for the per-key limits, not the tool.
+        Err(err) if err.retry_after_secs().is_some() => return Err(err),
         Err(err) => failure(tool.name, &err),
     })
 }

@@ -10,7 +10,9 @@
 //! - `DELETE`: ends the session named by `Mcp-Session-Id` (204).
 //!
 //! `Origin`, authentication and per-key limits were checked by
-//! `crate::guard` before these handlers run.
+//! `crate::guard` before these handlers run. A single request's answer is
+//! HTTP 200 unless it is an auth error (401/403) or a refusal at the
+//! gateway's bound on broker calls (503 + `Retry-After`).
 
 use axum::body::Body;
 use axum::extract::State;
@@ -168,12 +170,19 @@ pub async fn post(
     }
     let response = &responses[0];
     // Auth failures keep their HTTP status (403 for a namespace the key does
-    // not cover), as on /api/v1/rpc; everything else is a 200 answer.
-    let status = match &response.outcome {
-        Err(err) if err.code() == ErrorCode::Auth => err.status(),
-        _ => StatusCode::OK,
+    // not cover), as on /api/v1/rpc, and so do refusals to retry (503 +
+    // `Retry-After` at the gateway's bound on broker calls); everything else
+    // is a 200 answer.
+    let (status, retry_after) = match &response.outcome {
+        Err(err) if err.code() == ErrorCode::Auth => (err.status(), None),
+        Err(err) if err.retry_after_secs().is_some() => (err.status(), err.retry_after_secs()),
+        _ => (StatusCode::OK, None),
     };
-    (status, Json(response.to_json())).into_response()
+    let mut http = (status, Json(response.to_json())).into_response();
+    if let Some(value) = retry_after.and_then(|s| HeaderValue::from_str(&s.to_string()).ok()) {
+        http.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    http
 }
 
 fn open_session(state: &AppState, identity: &Identity, call: &Call) -> Response {

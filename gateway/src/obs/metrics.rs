@@ -1,7 +1,7 @@
 //! Prometheus metrics: HTTP requests by route and status with latency
 //! histograms, sandbox operations by method and outcome, JSON-RPC errors by
-//! code, MCP sessions, and — asked of the broker at scrape time — sandboxes
-//! running. Rendered in the text exposition format by `GET /metrics`, which
+//! code, MCP sessions, broker calls in flight against their bound, and —
+//! asked of the broker at scrape time — sandboxes running. Rendered in the text exposition format by `GET /metrics`, which
 //! can be bound to its own address (`metrics.listen`).
 
 use std::collections::BTreeMap;
@@ -114,8 +114,14 @@ impl Metrics {
     }
 
     /// The exposition text; `running` is the broker's count (None: the
-    /// broker did not answer), `sessions` the live MCP sessions.
-    pub fn render(&self, running: Option<u32>, sessions: usize) -> String {
+    /// broker did not answer), `sessions` the live MCP sessions,
+    /// `broker_calls` the broker calls in flight and their bound.
+    pub fn render(
+        &self,
+        running: Option<u32>,
+        sessions: usize,
+        broker_calls: (usize, usize),
+    ) -> String {
         let inner = self.lock();
         let mut out = String::new();
         let _ = writeln!(
@@ -165,6 +171,22 @@ impl Metrics {
         let _ = writeln!(out, "moat_gateway_mcp_sessions {sessions}");
         let _ = writeln!(
             out,
+            "# HELP moat_gateway_broker_calls_in_flight Broker calls in flight (all keys)."
+        );
+        let _ = writeln!(out, "# TYPE moat_gateway_broker_calls_in_flight gauge");
+        let _ = writeln!(
+            out,
+            "moat_gateway_broker_calls_in_flight {}",
+            broker_calls.0
+        );
+        let _ = writeln!(
+            out,
+            "# HELP moat_gateway_broker_calls_max The bound on broker calls in flight (limits.max_broker_calls)."
+        );
+        let _ = writeln!(out, "# TYPE moat_gateway_broker_calls_max gauge");
+        let _ = writeln!(out, "moat_gateway_broker_calls_max {}", broker_calls.1);
+        let _ = writeln!(
+            out,
             "# HELP moat_gateway_broker_up Whether the broker answered the scrape's health check."
         );
         let _ = writeln!(out, "# TYPE moat_gateway_broker_up gauge");
@@ -211,7 +233,12 @@ pub async fn handler(State(state): State<AppState>) -> impl IntoResponse {
         .await
         .ok()
         .map(|reply| reply.running_sandboxes);
-    let body = state.metrics().render(running, state.sessions().len());
+    let calls = state.broker().calls();
+    let body = state.metrics().render(
+        running,
+        state.sessions().len(),
+        (calls.in_flight(), calls.max()),
+    );
     (
         [(
             header::CONTENT_TYPE,
@@ -243,7 +270,7 @@ mod tests {
             Duration::from_millis(1),
         );
         m.error(-32002);
-        let text = m.render(Some(3), 2);
+        let text = m.render(Some(3), 2, (5, 256));
         for needle in [
             "moat_gateway_http_requests_total{route=\"/api/v1/rpc\",status=\"200\"} 2",
             "moat_gateway_http_request_duration_seconds_bucket{route=\"/api/v1/rpc\",le=\"0.005\"} 1",
@@ -256,11 +283,13 @@ mod tests {
             "moat_sandboxes_running 3",
             "moat_gateway_mcp_sessions 2",
             "moat_gateway_broker_up 1",
+            "moat_gateway_broker_calls_in_flight 5",
+            "moat_gateway_broker_calls_max 256",
         ] {
             assert!(text.contains(needle), "{needle} missing in:\n{text}");
         }
         assert!(!text.contains("evil"));
-        let text = m.render(None, 0);
+        let text = m.render(None, 0, (0, 1));
         assert!(text.contains("moat_gateway_broker_up 0"));
         assert!(!text.contains("moat_sandboxes_running"));
     }
