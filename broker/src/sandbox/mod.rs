@@ -435,13 +435,14 @@ impl Sandboxes {
         // A call holds a sandbox's lock for a moment (to take a handle), a
         // start or stop for seconds: wait briefly for each (all at once),
         // and report one still locked as not running rather than wait.
-        let locked = futures_util::future::join_all(entries.into_iter().map(|(key, entry)| async move {
-            let guard = tokio::time::timeout(METRICS_LOCK_WAIT, entry.lock_owned())
-                .await
-                .ok();
-            (key, guard)
-        }))
-        .await;
+        let locked =
+            futures_util::future::join_all(entries.into_iter().map(|(key, entry)| async move {
+                let guard = tokio::time::timeout(METRICS_LOCK_WAIT, entry.lock_owned())
+                    .await
+                    .ok();
+                (key, guard)
+            }))
+            .await;
         let mut out = Vec::with_capacity(locked.len());
         for (key, guard) in locked {
             let Some(e) = guard else {
