@@ -1,6 +1,8 @@
 //! The gateway's only way to the privileged broker: a gRPC client
 //! (`moat.broker.v1.Broker`) over a Unix socket. It connects lazily (so the
 //! gateway starts, and answers health checks, before the broker is up),
+//! reconnects after the broker restarts, with backoff between failed dials
+//! (`dial_backoff.rs`),
 //! holds a permit of the gateway-wide bound on calls in flight
 //! ([`BrokerCalls`]) for every call, gives every call a deadline, and turns
 //! every failure into the wire error through [`crate::error::from_status`].
@@ -40,14 +42,27 @@ impl Broker {
     pub fn connect_lazy(socket: impl Into<PathBuf>, max_calls: usize) -> Self {
         let socket = Arc::new(socket.into());
         let dial = Arc::clone(&socket);
+        let backoff = Arc::new(crate::dial_backoff::DialBackoff::default());
         // The URI is required by tonic but unused: the connector below dials
         // the Unix socket whatever it is given.
         let channel = Endpoint::from_static("http://[::]:50051").connect_with_connector_lazy(
             tower::service_fn(move |_| {
                 let path = Arc::clone(&dial);
+                let backoff = Arc::clone(&backoff);
                 async move {
-                    let stream = tokio::net::UnixStream::connect(path.as_path()).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(stream))
+                    backoff.check(Instant::now()).map_err(|held| {
+                        std::io::Error::new(std::io::ErrorKind::NotConnected, held)
+                    })?;
+                    match tokio::net::UnixStream::connect(path.as_path()).await {
+                        Ok(stream) => {
+                            backoff.succeeded();
+                            Ok::<_, std::io::Error>(TokioIo::new(stream))
+                        }
+                        Err(e) => {
+                            backoff.failed(Instant::now(), &e);
+                            Err(e)
+                        }
+                    }
                 }
             }),
         );

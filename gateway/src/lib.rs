@@ -19,6 +19,7 @@ pub mod auth;
 pub mod body;
 pub mod broker;
 pub mod config;
+pub mod dial_backoff;
 pub mod error;
 pub mod guard;
 pub mod health;

@@ -39,12 +39,27 @@ fn in_parallel(n: usize, job: impl Fn(usize) + Sync) {
     });
 }
 
-/// The `ms=` of the last "state recovered" line in the server log.
+/// The `ms=` of the last "state recovered" line in the server log (its
+/// terminal colour codes removed).
 fn recovery_ms(log: &str) -> Option<f64> {
-    log.lines()
-        .rev()
-        .find(|l| l.contains("state recovered"))
-        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("ms=")))
+    let line = log.lines().rev().find(|l| l.contains("state recovered"))?;
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ ... m
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ms="))
         .and_then(|v| v.parse().ok())
 }
 
