@@ -453,18 +453,48 @@ owner_gid = {volume_owner}
     /// Runs `moat image ARGS --broker-config <this server's>`: (success,
     /// stdout, stderr).
     pub fn image_cli(&self, args: &[&str]) -> (bool, String, String) {
+        self.cli("image", args)
+    }
+
+    /// Runs `moat sandbox ARGS --broker-config <this server's>`: (success,
+    /// stdout, stderr).
+    pub fn sandbox_cli(&self, args: &[&str]) -> (bool, String, String) {
+        self.cli("sandbox", args)
+    }
+
+    fn cli(&self, group: &str, args: &[&str]) -> (bool, String, String) {
         let out = Command::new(bin_dir().join("moat"))
-            .arg("image")
+            .arg(group)
             .args(args)
             .arg("--broker-config")
             .arg(&self.broker_config)
             .output()
-            .expect("run moat image");
+            .unwrap_or_else(|e| panic!("run moat {group}: {e}"));
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// The gateway's TCP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The first stdout line of a command run in sandbox `name` (namespace
+    /// "default"); panics when it printed nothing.
+    pub fn first_line(&self, name: &str, command: &str, args: &[&str]) -> String {
+        let r = self.run(name, command, args);
+        Self::stdout_lines(&r)
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("{command} printed nothing in {name}: {r}"))
+    }
+
+    /// The guest kernel's boot id: the same only if the guest did not reboot.
+    pub fn boot_id(&self, name: &str) -> String {
+        self.first_line(name, "cat", &["/proc/sys/kernel/random/boot_id"])
     }
 
     /// Everything the stack has logged so far.
@@ -763,6 +793,24 @@ owner_gid = {volume_owner}
         assert_eq!(self.cgroups(), Vec::<PathBuf>::new(), "cgroups left");
         assert_eq!(self.vm_dirs(), Vec::<PathBuf>::new(), "VM directories left");
     }
+}
+
+/// A log line without its colour escapes (`ESC [ ... m`).
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Lines of one stream in a command/repl result.

@@ -17,19 +17,6 @@ use std::time::{Duration, Instant};
 use moat_e2e::{free_port, Options, Server};
 use serde_json::{json, Value};
 
-fn first_line(s: &Server, name: &str, command: &str, args: &[&str]) -> String {
-    let r = s.run(name, command, args);
-    Server::stdout_lines(&r)
-        .into_iter()
-        .next()
-        .unwrap_or_else(|| panic!("{command} printed nothing in {name}: {r}"))
-}
-
-/// The guest kernel's boot id: the same only if the guest did not reboot.
-fn boot_id(s: &Server, name: &str) -> String {
-    first_line(s, name, "cat", &["/proc/sys/kernel/random/boot_id"])
-}
-
 fn signal(pid: i32, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("kill");
 }
@@ -107,7 +94,7 @@ fn a_killed_gateway_is_restarted_and_the_sandboxes_keep_running() {
         ..Default::default()
     });
     s.start_sandbox("steady", json!({}));
-    let boot = boot_id(&s, "steady");
+    let boot = s.boot_id("steady");
     let broker = s.broker_pid().expect("broker pid");
     let old_gateway = s.gateway_pid().expect("gateway pid");
 
@@ -212,7 +199,7 @@ fn a_killed_gateway_is_restarted_and_the_sandboxes_keep_running() {
 
     // The broker was not restarted, the guest did not reboot.
     assert_eq!(s.broker_pid(), Some(broker), "the broker kept running");
-    assert_eq!(boot_id(&s, "steady"), boot, "the sandbox did not reboot");
+    assert_eq!(s.boot_id("steady"), boot, "the sandbox did not reboot");
     let log = s.log_text();
     assert!(
         log.contains("gateway exited (signal: 9 (SIGKILL)); starting it again"),
@@ -283,12 +270,7 @@ fn idle_connections_cost_bounded_memory_and_are_closed_after_the_header_deadline
         gateway_toml: format!("[timeouts]\nheader_read_secs = {HEADER_READ_SECS}\n"),
         ..Default::default()
     });
-    let port: u16 = s
-        .url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port");
+    let port = s.port();
     let gateway = s.gateway_pid().expect("gateway pid");
     // Warm up: the first requests allocate what every request needs.
     for _ in 0..20 {
@@ -387,12 +369,7 @@ fn sigterm_to_the_gateway_finishes_the_call_in_flight_then_the_stack_stops() {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
     };
-    let port: u16 = s
-        .url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port");
+    let port = s.port();
 
     let (reply, took, refused_in_flight, drained) = std::thread::scope(|t| {
         let command = t.spawn(|| {

@@ -20,22 +20,9 @@ fn leaving_vms() -> Options {
     }
 }
 
-fn first_line(s: &Server, name: &str, command: &str, args: &[&str]) -> String {
-    let r = s.run(name, command, args);
-    Server::stdout_lines(&r)
-        .into_iter()
-        .next()
-        .unwrap_or_else(|| panic!("{command} printed nothing in {name}: {r}"))
-}
-
-/// The guest kernel's boot id: the same only if the guest did not reboot.
-fn boot_id(s: &Server, name: &str) -> String {
-    first_line(s, name, "cat", &["/proc/sys/kernel/random/boot_id"])
-}
-
 /// Seconds since the guest booted.
 fn uptime(s: &Server, name: &str) -> f64 {
-    first_line(s, name, "cat", &["/proc/uptime"])
+    s.first_line(name, "cat", &["/proc/uptime"])
         .split_whitespace()
         .next()
         .and_then(|v| v.parse().ok())
@@ -84,7 +71,7 @@ fn broker_killed_mid_start_and_mid_command_readopts_what_runs() {
     }
     let before: Vec<(String, f64)> = names
         .iter()
-        .map(|n| (boot_id(&s, n), uptime(&s, n)))
+        .map(|n| (s.boot_id(n), uptime(&s, n)))
         .collect();
     let old_broker = s.broker_pid().expect("broker pid");
 
@@ -124,7 +111,7 @@ fn broker_killed_mid_start_and_mid_command_readopts_what_runs() {
     wait_broker_answers(&s);
     assert_ne!(s.broker_pid(), Some(old_broker), "a new broker runs");
     for (n, (id, up)) in names.iter().zip(&before) {
-        assert_eq!(&boot_id(&s, n), id, "{n} did not reboot");
+        assert_eq!(&s.boot_id(n), id, "{n} did not reboot");
         assert!(uptime(&s, n) > *up, "{n}'s uptime goes on");
         assert_eq!(metrics_of(&s, n)["running"], true, "{n}");
     }
@@ -149,7 +136,7 @@ fn broker_killed_mid_start_and_mid_command_readopts_what_runs() {
         "sandbox.start",
         json!({"sandbox": "half", "namespace": "default"}),
     );
-    assert_eq!(first_line(&s, "half", "echo", &["back"]), "back");
+    assert_eq!(s.first_line("half", "echo", &["back"]), "back");
     for n in names.iter().chain(["half"].iter()) {
         s.stop_sandbox(n);
     }
@@ -163,7 +150,7 @@ fn broker_sigterm_leaves_vms_for_the_next_broker() {
     s.start_sandbox("gone", json!({}));
     s.stop_sandbox("gone");
     s.run("stay", "sh", &["-c", "echo data > /tmp/f"]);
-    let id = boot_id(&s, "stay");
+    let id = s.boot_id("stay");
     let vms = s.vm_pids();
     assert_eq!(vms.len(), 1);
 
@@ -179,10 +166,10 @@ fn broker_sigterm_leaves_vms_for_the_next_broker() {
     );
 
     s.restart();
-    assert_eq!(boot_id(&s, "stay"), id);
-    assert_eq!(first_line(&s, "stay", "cat", &["/tmp/f"]), "data");
+    assert_eq!(s.boot_id("stay"), id);
+    assert_eq!(s.first_line("stay", "cat", &["/tmp/f"]), "data");
     // The definition (with its envs) came back with it.
-    assert_eq!(first_line(&s, "stay", "sh", &["-c", "echo $MARK"]), "kept");
+    assert_eq!(s.first_line("stay", "sh", &["-c", "echo $MARK"]), "kept");
     // A stopped sandbox's definition is kept too.
     assert_eq!(metrics_of(&s, "gone")["running"], false);
     s.ok(
@@ -217,31 +204,14 @@ fn a_killed_vm_process_is_reported_and_cleaned() {
     s.stop_sandbox("victim");
     s.assert_no_leftovers();
     s.start_sandbox("victim", json!({}));
-    assert_eq!(first_line(&s, "victim", "echo", &["again"]), "again");
+    assert_eq!(s.first_line("victim", "echo", &["again"]), "again");
     s.stop_sandbox("victim");
     s.assert_no_leftovers();
 }
 
-/// Runs `moat sandbox ARGS --broker-config <the server's>`: (success,
-/// stdout, stderr).
-fn sandbox_cli(s: &Server, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(moat_e2e::bin_dir().join("moat"))
-        .arg("sandbox")
-        .args(args)
-        .arg("--broker-config")
-        .arg(&s.broker_config)
-        .output()
-        .expect("run moat sandbox");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// `moat sandbox ls --json`, as (namespace/name, object).
 fn listed(s: &Server) -> Vec<(String, Value)> {
-    let (ok, out, err) = sandbox_cli(s, &["ls", "--json"]);
+    let (ok, out, err) = s.sandbox_cli(&["ls", "--json"]);
     assert!(ok, "{err}");
     out.lines()
         .map(|l| {
@@ -315,7 +285,7 @@ fn idle_and_old_sandboxes_are_stopped_and_the_operator_can_list_and_remove() {
     );
 
     // Removal by the operator.
-    let (ok, out, err) = sandbox_cli(&s, &["rm", "default/idle"]);
+    let (ok, out, err) = s.sandbox_cli(&["rm", "default/idle"]);
     assert!(ok, "{err}");
     assert!(out.contains("removed default/idle"), "{out}");
     assert!(listed_one(&s, "default/idle").is_none());
@@ -327,13 +297,13 @@ fn idle_and_old_sandboxes_are_stopped_and_the_operator_can_list_and_remove() {
     assert_eq!(code, -32003, "a removed definition is gone");
     // A running one needs --stop.
     s.start_sandbox("runner", json!({}));
-    let (ok, _, err) = sandbox_cli(&s, &["rm", "default/runner"]);
+    let (ok, _, err) = s.sandbox_cli(&["rm", "default/runner"]);
     assert!(!ok && err.contains("is running"), "{err}");
-    let (ok, _, err) = sandbox_cli(&s, &["rm", "default/nope"]);
+    let (ok, _, err) = s.sandbox_cli(&["rm", "default/nope"]);
     assert!(!ok && err.contains("not defined"), "{err}");
-    let (ok, out, err) = sandbox_cli(&s, &["rm", "default/runner", "--stop"]);
+    let (ok, out, err) = s.sandbox_cli(&["rm", "default/runner", "--stop"]);
     assert!(ok && out.contains("stopped first"), "{out}{err}");
-    let (ok, _, err) = sandbox_cli(&s, &["rm", "busy/old"]);
+    let (ok, _, err) = s.sandbox_cli(&["rm", "busy/old"]);
     assert!(ok, "{err}");
     assert!(listed(&s).is_empty());
     s.assert_no_leftovers();
@@ -416,7 +386,7 @@ fn a_full_state_disk_refuses_starts_clearly_and_loses_nothing() {
     let _unmount = Unmount(s.state_dir.clone());
     s.restart();
     s.start_sandbox("before", json!({"envs": ["K=v"]}));
-    let id = boot_id(&s, "before");
+    let id = s.boot_id("before");
     // Fill it up.
     let filler = s.state_dir.join("filler");
     let _ = std::process::Command::new("dd")
@@ -431,7 +401,7 @@ fn a_full_state_disk_refuses_starts_clearly_and_loses_nothing() {
     assert_eq!(code, -32603, "{msg}");
     assert!(msg.contains("full") && msg.contains("free space"), "{msg}");
     // What runs and what was stored are intact.
-    assert_eq!(first_line(&s, "before", "sh", &["-c", "echo $K"]), "v");
+    assert_eq!(s.first_line("before", "sh", &["-c", "echo $K"]), "v");
     assert!(listed_one(&s, "default/after").is_none());
     assert_eq!(
         listed_one(&s, "default/before").expect("listed")["running"],
@@ -443,8 +413,8 @@ fn a_full_state_disk_refuses_starts_clearly_and_loses_nothing() {
     s.stop_sandbox("after");
     s.terminate(Duration::from_secs(60)).expect("stopped");
     s.restart();
-    assert_eq!(boot_id(&s, "before"), id);
-    assert_eq!(first_line(&s, "before", "sh", &["-c", "echo $K"]), "v");
+    assert_eq!(s.boot_id("before"), id);
+    assert_eq!(s.first_line("before", "sh", &["-c", "echo $K"]), "v");
     assert_eq!(metrics_of(&s, "after")["running"], false);
     s.stop_sandbox("before");
     s.assert_no_leftovers();
@@ -589,7 +559,7 @@ fn a_stop_interrupted_by_a_broker_crash_is_finished() {
     });
     s.start_sandbox("halting", json!({}));
     s.start_sandbox("bystander", json!({}));
-    let id = boot_id(&s, "bystander");
+    let id = s.boot_id("bystander");
     std::thread::scope(|t| {
         // A hung agent makes the stop wait limits.stop_timeout_secs (10 s)
         // before it kills the VM: the broker dies in that window.
@@ -621,7 +591,7 @@ fn a_stop_interrupted_by_a_broker_crash_is_finished() {
     wait_for("one VM left", Duration::from_secs(10), || {
         s.vm_pids().len() == 1
     });
-    assert_eq!(boot_id(&s, "bystander"), id);
+    assert_eq!(s.boot_id("bystander"), id);
     s.stop_sandbox("bystander");
     s.assert_no_leftovers();
 }

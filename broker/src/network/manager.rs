@@ -96,6 +96,28 @@ pub struct SandboxNetwork {
 }
 
 impl SandboxNetwork {
+    /// Not yet registered, firewalled or served.
+    fn new(
+        nic: NicAddressing,
+        scope: Scope,
+        ports: &[PortMapping],
+        namespace: &str,
+        name: &str,
+        tap: Option<OwnedFd>,
+    ) -> Self {
+        Self {
+            nic,
+            scope,
+            ports: ports.to_vec(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            tap,
+            _dns: None,
+            _published: Vec::new(),
+            in_firewall: false,
+        }
+    }
+
     /// What the firewall knows of this sandbox.
     fn firewall_nic(&self) -> SandboxNic {
         SandboxNic {
@@ -264,18 +286,15 @@ impl Networking {
             .await
             .map_err(|e| NetworkError::Config(format!("conntrack task: {e}")))??;
         let tap_fd = tap::create(&nic)?;
-        let net = SandboxNetwork {
+        self.fill(SandboxNetwork::new(
             nic,
             scope,
-            ports: ports.to_vec(),
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-            tap: Some(tap_fd),
-            _dns: None,
-            _published: Vec::new(),
-            in_firewall: false,
-        };
-        self.fill(net).await
+            ports,
+            namespace,
+            name,
+            Some(tap_fd),
+        ))
+        .await
     }
 
     /// Takes back the network of a re-adopted VM, whose tap still exists
@@ -300,18 +319,10 @@ impl Networking {
                 nic.ifname
             )));
         }
-        let net = SandboxNetwork {
-            nic,
-            scope,
-            ports: ports.to_vec(),
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-            tap: None,
-            _dns: None,
-            _published: Vec::new(),
-            in_firewall: false,
-        };
-        self.fill(net).await
+        self.fill(SandboxNetwork::new(
+            nic, scope, ports, namespace, name, None,
+        ))
+        .await
     }
 
     /// Registers, firewalls and serves `net`; undoes it all on failure.

@@ -30,6 +30,9 @@ pub use vm::{LaunchContext, RunningVm};
 
 use journal::Journal;
 
+/// Records taken over at once at broker start.
+const RECOVERY_CONCURRENCY: usize = 16;
+
 /// How long a metrics request waits for a sandbox's lock.
 const METRICS_LOCK_WAIT: Duration = Duration::from_millis(200);
 
@@ -166,17 +169,8 @@ impl Sandboxes {
                         .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
                 }
                 Some((
-                    SandboxSpec::from_config(
-                        c,
-                        &key.namespace,
-                        spec::SpecLimits {
-                            limits: &cfg.limits,
-                            images: &cfg.images,
-                            volumes: &cfg.volumes,
-                            network: &cfg.network,
-                        },
-                    )
-                    .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?,
+                    self.checked_spec(c, &key.namespace)
+                        .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?,
                     c.clone(),
                 ))
             }
@@ -205,6 +199,25 @@ impl Sandboxes {
                 })?;
         }
         self.start_one(key, wanted, caller_key_id).await
+    }
+
+    /// `config` checked against the operator's limits.
+    fn checked_spec(
+        &self,
+        config: &SandboxConfig,
+        namespace: &str,
+    ) -> Result<SandboxSpec, spec::SpecError> {
+        let cfg = &self.ctx.config;
+        SandboxSpec::from_config(
+            config,
+            namespace,
+            spec::SpecLimits {
+                limits: &cfg.limits,
+                images: &cfg.images,
+                volumes: &cfg.volumes,
+                network: &cfg.network,
+            },
+        )
     }
 
     fn stored_dependencies(&self, key: &SandboxKey) -> Option<Vec<String>> {
@@ -497,40 +510,42 @@ impl Sandboxes {
     /// be re-adopted. VMs that cannot are killed and released, interrupted
     /// starts are undone, and each is logged. Returns the slots now in use.
     pub async fn recover(&self, records: Vec<SandboxRecord>) -> Vec<u32> {
-        let cfg = &self.ctx.config;
-        let mut adopted_slots = Vec::new();
-        for mut record in records {
+        use futures_util::StreamExt;
+        futures_util::stream::iter(records)
+            .map(|record| self.recover_one(record))
+            .buffer_unordered(RECOVERY_CONCURRENCY)
+            .filter_map(|slot| async move { slot })
+            .collect()
+            .await
+    }
+
+    /// Takes over one record; returns the slot of a re-adopted VM.
+    async fn recover_one(&self, mut record: SandboxRecord) -> Option<u32> {
+        let mut adopted_slot = None;
+        {
             let key = SandboxKey {
                 namespace: record.namespace.clone(),
                 name: record.name.clone(),
             };
-            let spec = record.config.as_ref().map(|c| {
-                SandboxSpec::from_config(
-                    c,
-                    &key.namespace,
-                    spec::SpecLimits {
-                        limits: &cfg.limits,
-                        images: &cfg.images,
-                        volumes: &cfg.volumes,
-                        network: &cfg.network,
-                    },
-                )
-            });
+            let spec = record
+                .config
+                .as_ref()
+                .map(|c| self.checked_spec(c, &key.namespace));
             let spec = match spec {
                 Some(Ok(s)) => s,
                 Some(Err(e)) => {
                     tracing::error!(sandbox = %key, error = %e, "stored definition is not valid under this config: forgotten (a VM it had is stopped)");
                     let _ = self.ctx.state.remove(&key.namespace, &key.name);
-                    continue;
+                    return None;
                 }
-                None => continue,
+                None => return None,
             };
             let vm = match record.vm.clone() {
                 Some(v) if v.phase == moat_proto::state::vm_record::Phase::Running as i32 => {
                     match vm::adopt(&self.ctx, &key.namespace, &key.name, spec.clone(), &v).await {
                         Ok(vm) => {
                             tracing::info!(sandbox = %key, pid = v.pid, slot = v.slot, "re-adopted a running sandbox");
-                            adopted_slots.push(v.slot);
+                            adopted_slot = Some(v.slot);
                             Some(vm)
                         }
                         Err(why) => {
@@ -566,7 +581,7 @@ impl Sandboxes {
             e.record = Some(record);
             e.vm = vm;
         }
-        adopted_slots
+        adopted_slot
     }
 
     /// From now on, new starts and calls fail with "shutting down".

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use moat_e2e::stats::report;
 use moat_e2e::testnet::TestHost;
-use moat_e2e::{Options, Server};
+use moat_e2e::{strip_ansi, Options, Server};
 use serde_json::json;
 
 /// Test-host servers, timed with the host's clock (a TCG guest's clock can
@@ -230,22 +230,4 @@ fn main() {
         "ms",
         attach_ms,
     );
-}
-
-/// A log line without its colour escapes (`ESC [ ... m`).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

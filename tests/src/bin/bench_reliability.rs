@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use moat_e2e::stats::report;
-use moat_e2e::{Options, Server};
+use moat_e2e::{strip_ansi, Options, Server};
 use serde_json::json;
 
 const WORKERS: usize = 4;
@@ -39,25 +39,10 @@ fn in_parallel(n: usize, job: impl Fn(usize) + Sync) {
     });
 }
 
-/// The `ms=` of the last "state recovered" line in the server log (its
-/// terminal colour codes removed).
+/// The `ms=` of the last "state recovered" line in the server log.
 fn recovery_ms(log: &str) -> Option<f64> {
     let line = log.lines().rev().find(|l| l.contains("state recovered"))?;
-    let mut plain = String::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // ESC [ ... m
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
-    plain
+    strip_ansi(line)
         .split_whitespace()
         .find_map(|w| w.strip_prefix("ms="))
         .and_then(|v| v.parse().ok())
