@@ -89,6 +89,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_systemd_unit_bounds_the_broker_to_exactly_these() {
+        let unit = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../packaging/systemd/moat-broker.service"),
+        )
+        .unwrap();
+        let line = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+            .expect("CapabilityBoundingSet in the unit");
+        let mut in_unit: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        let mut kept: Vec<String> = KEPT.iter().map(|(c, _)| c.to_string()).collect();
+        in_unit.sort();
+        kept.sort();
+        assert_eq!(in_unit, kept);
+    }
+
+    #[test]
     fn every_kept_capability_is_explained_once() {
         let set: CapsHashSet = KEPT.iter().map(|(c, _)| *c).collect();
         assert_eq!(set.len(), KEPT.len());

@@ -1,0 +1,135 @@
+//! Packaging: the systemd units in `packaging/systemd/` pass
+//! `systemd-analyze verify` against this host's systemd, and their
+//! `systemd-analyze security` exposure stays within the targets (gateway
+//! "OK" at 2.0 or less; the broker, root by its job, at most 5.0). The
+//! units are checked in a scratch root holding the host's systemd units and
+//! the release binaries at the paths the units name.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use moat_e2e::bin_dir;
+
+const UNITS: [&str; 2] = ["moat-broker.service", "moat-gateway.service"];
+
+fn packaging() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging")
+}
+
+/// A root with the host's system units, ours, and our binaries in /usr/bin.
+fn unit_root() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    for d in ["usr/bin", "usr/lib/systemd", "etc/systemd/system"] {
+        std::fs::create_dir_all(r.join(d)).unwrap();
+    }
+    let copied = Command::new("cp")
+        .args(["-a", "/usr/lib/systemd/system"])
+        .arg(r.join("usr/lib/systemd/"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    for bin in ["moat-broker", "moat-gateway"] {
+        std::fs::copy(bin_dir().join(bin), r.join("usr/bin").join(bin)).unwrap();
+    }
+    for unit in UNITS {
+        std::fs::copy(
+            packaging().join("systemd").join(unit),
+            r.join("etc/systemd/system").join(unit),
+        )
+        .unwrap();
+    }
+    root
+}
+
+#[test]
+fn units_verify_cleanly() {
+    let root = unit_root();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(format!("--root={}", root.path().display()))
+        .args(UNITS)
+        .output()
+        .expect("systemd-analyze (package systemd)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.trim().is_empty(), "warnings: {text}");
+}
+
+/// The "Overall exposure level" of a unit.
+fn exposure(root: &Path, unit: &str) -> f64 {
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true"])
+        .arg(format!("--root={}", root.display()))
+        .arg(unit)
+        .output()
+        .expect("systemd-analyze");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.split("Overall exposure level for ").nth(1))
+        .and_then(|rest| rest.split(": ").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level for {unit}: {text}"))
+}
+
+#[test]
+fn unit_exposure_is_within_the_targets() {
+    let root = unit_root();
+    let gateway = exposure(root.path(), "moat-gateway.service");
+    let broker = exposure(root.path(), "moat-broker.service");
+    println!(
+        "systemd-analyze security: moat-gateway.service {gateway}, moat-broker.service {broker}"
+    );
+    assert!(gateway <= 2.0, "gateway exposure {gateway}");
+    assert!(broker <= 5.0, "broker exposure {broker}");
+}
+
+#[test]
+fn sysusers_and_tmpfiles_make_the_user_and_directories() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    std::fs::create_dir_all(r.join("etc")).unwrap();
+    let st = Command::new("systemd-sysusers")
+        .arg(format!("--root={}", r.display()))
+        .arg(packaging().join("sysusers.d/moat.conf"))
+        .status()
+        .expect("systemd-sysusers");
+    assert!(st.success());
+    let passwd = std::fs::read_to_string(r.join("etc/passwd")).unwrap();
+    let moat = passwd
+        .lines()
+        .find(|l| l.starts_with("moat:"))
+        .unwrap_or_else(|| panic!("{passwd}"));
+    assert!(moat.ends_with(":/nonexistent:/usr/sbin/nologin"), "{moat}");
+    let gid: u32 = moat.split(':').nth(3).unwrap().parse().unwrap();
+    assert!(std::fs::read_to_string(r.join("etc/group"))
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("moat:")));
+
+    let st = Command::new("systemd-tmpfiles")
+        .arg(format!("--root={}", r.display()))
+        .arg("--create")
+        .arg(packaging().join("tmpfiles.d/moat.conf"))
+        .status()
+        .expect("systemd-tmpfiles");
+    assert!(st.success());
+    use std::os::unix::fs::MetadataExt;
+    for (dir, mode, group) in [
+        ("run/moat", 0o750, gid),
+        ("var/lib/moat", 0o711, 0),
+        ("var/cache/moat", 0o700, 0),
+    ] {
+        let m = std::fs::metadata(r.join(dir)).unwrap();
+        assert_eq!(
+            (m.mode() & 0o7777, m.uid(), m.gid()),
+            (mode, 0, group),
+            "{dir}"
+        );
+    }
+}
