@@ -3,8 +3,10 @@
 //! broker config's `gateway_uid`) on this host, and stops both cleanly on
 //! Ctrl-C / SIGTERM; `moat server keygen` / `revoke` manage API keys;
 //! `moat image pull|import|ls|rm|gc` manage the image store; `moat sandbox
-//! ls|rm` list and forget stored sandboxes through the running broker.
+//! ls|rm` list and forget stored sandboxes through the running broker;
+//! `moat config check` checks both config files as the daemons would.
 
+mod config;
 mod image;
 mod keys;
 mod sandbox;
@@ -33,6 +35,11 @@ enum Command {
         #[command(subcommand)]
         command: image::ImageCommand,
     },
+    /// Check the broker and gateway config files.
+    Config {
+        #[command(subcommand)]
+        command: config::ConfigCommand,
+    },
     /// List and remove stored sandboxes (through the running broker).
     Sandbox {
         #[command(subcommand)]
@@ -46,6 +53,7 @@ fn main() {
         Command::Server { command } => server::run(command),
         Command::Image { command } => image::run(command),
         Command::Sandbox { command } => sandbox::run(command),
+        Command::Config { command } => config::run(command),
     };
     if let Err(e) = result {
         // The whole chain on one line, never a backtrace.

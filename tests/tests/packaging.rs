@@ -133,3 +133,46 @@ fn sysusers_and_tmpfiles_make_the_user_and_directories() {
         );
     }
 }
+
+#[test]
+fn config_check_names_the_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = dir.path().join("gateway.toml");
+    std::fs::write(&gateway, "[limits]\nmax_batch = 10\nmax_bach = 2\n").unwrap();
+    let broker = moat_e2e::build_dir().join("broker.toml");
+    let run = |gateway: &Path| {
+        Command::new(bin_dir().join("moat"))
+            .args(["config", "check", "--broker-config"])
+            .arg(&broker)
+            .arg("--gateway-config")
+            .arg(gateway)
+            .output()
+            .unwrap()
+    };
+    let out = run(&gateway);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&gateway.display().to_string())
+            && stderr.contains("line 3")
+            && stderr.contains("unknown field `max_bach`"),
+        "{stderr}"
+    );
+    // A value the gateway refuses names its key.
+    std::fs::write(&gateway, "[limits]\nmax_batch = 0\n").unwrap();
+    let out = run(&gateway);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("max_batch"),
+        "{stderr}"
+    );
+    std::fs::write(&gateway, "[limits]\nmax_batch = 10\n").unwrap();
+    let out = run(&gateway);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.matches(": ok").count(), 2, "{stdout}");
+}
