@@ -6,7 +6,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PORT ?= 5555
 
-.PHONY: help setup dev test lint unit e2e fuzz bench bench-gateway bench-images bench-network bench-reliability clean
+.PHONY: help setup dev test lint unit e2e fuzz bench bench-gateway bench-images bench-network bench-reliability install clean
 
 help:
 	@echo "make dev   - install what is needed, build, run moat (gateway on 127.0.0.1:$(PORT), dev mode)"
@@ -74,6 +74,40 @@ bench-reliability: setup
 bench-gateway: setup
 	MOAT_BUILD_DIR=$(CURDIR)/build MOAT_BIN_DIR=$(CURDIR)/target/release \
 	  $(CARGO) test --locked --release -p moat-e2e --test gateway_bench -- --ignored --nocapture
+
+# Installs moat under $(DESTDIR)$(PREFIX) (binaries, guest kernel, agent and
+# base image, systemd units, sysusers.d/tmpfiles.d entries, docs) and the
+# default configs under $(DESTDIR)$(SYSCONFDIR)/moat, never replacing a
+# config that is already there. Run `make setup` (or `make test`) first.
+PREFIX ?= /usr
+SYSCONFDIR ?= /etc
+DESTDIR ?=
+install:
+	@for f in target/release/moat target/release/moat-broker target/release/moat-gateway \
+	  target/release/moat-jailer build/vmlinux build/moat-agent build/base.erofs; do \
+	  [ -f $$f ] || { echo "install: $$f is missing: run make setup first" >&2; exit 1; }; done
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/moat/images \
+	  $(DESTDIR)$(PREFIX)/lib/systemd/system $(DESTDIR)$(PREFIX)/lib/sysusers.d \
+	  $(DESTDIR)$(PREFIX)/lib/tmpfiles.d $(DESTDIR)$(PREFIX)/share/doc/moat \
+	  $(DESTDIR)$(SYSCONFDIR)/moat
+	install -m 0755 target/release/moat target/release/moat-broker \
+	  target/release/moat-gateway target/release/moat-jailer $(DESTDIR)$(PREFIX)/bin/
+	install -m 0644 build/vmlinux $(DESTDIR)$(PREFIX)/lib/moat/vmlinux
+	install -m 0755 build/moat-agent $(DESTDIR)$(PREFIX)/lib/moat/moat-agent
+	install -m 0644 build/base.erofs $(DESTDIR)$(PREFIX)/lib/moat/images/base.erofs
+	for u in packaging/systemd/*.service; do \
+	  sed -e 's|/usr/bin/|$(PREFIX)/bin/|g' -e 's|/etc/moat/|$(SYSCONFDIR)/moat/|g' $$u \
+	    > $(DESTDIR)$(PREFIX)/lib/systemd/system/$$(basename $$u); done
+	install -m 0644 packaging/sysusers.d/moat.conf $(DESTDIR)$(PREFIX)/lib/sysusers.d/moat.conf
+	install -m 0644 packaging/tmpfiles.d/moat.conf $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/moat.conf
+	install -m 0644 README.md SECURITY.md docs/*.md $(DESTDIR)$(PREFIX)/share/doc/moat/
+	for c in broker gateway; do \
+	  if [ -e $(DESTDIR)$(SYSCONFDIR)/moat/$$c.toml ]; then \
+	    echo "install: keeping $(DESTDIR)$(SYSCONFDIR)/moat/$$c.toml"; \
+	  else \
+	    sed 's|/usr/lib/moat/|$(PREFIX)/lib/moat/|g' packaging/config/$$c.toml \
+	      > $(DESTDIR)$(SYSCONFDIR)/moat/$$c.toml && chmod 0644 $(DESTDIR)$(SYSCONFDIR)/moat/$$c.toml; \
+	  fi; done
 
 clean:
 	rm -rf build

@@ -39,6 +39,10 @@ pub struct BrokerConfig {
     /// Operator socket (`moat sandbox ls|rm`): mode 0600, root peers only.
     /// Default: `admin.sock` beside `socket`.
     pub admin_socket: Option<PathBuf>,
+    /// The gateway's user by name (e.g. "moat", made by the package's
+    /// sysusers.d entry): sets `gateway_uid` and `gateway_gid` from the
+    /// user database when the config is loaded. Give either this or both ids.
+    pub gateway_user: Option<String>,
     /// The only uid allowed to talk to the broker (checked with SO_PEERCRED).
     pub gateway_uid: u32,
     /// Group owning the socket and its directory.
@@ -342,6 +346,7 @@ impl Default for BrokerConfig {
         Self {
             socket: PathBuf::from("/run/moat/broker.sock"),
             admin_socket: None,
+            gateway_user: None,
             gateway_uid: 0,
             gateway_gid: 0,
             state_dir: PathBuf::from("/var/lib/moat"),
@@ -548,10 +553,34 @@ impl BrokerConfig {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text).map_err(|source| ConfigError::Parse {
+        let mut config = Self::parse(&text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source: Box::new(source),
-        })
+        })?;
+        config
+            .resolve_gateway_user()
+            .map_err(|m| ConfigError::Invalid(format!("{}: {m}", path.display())))?;
+        Ok(config)
+    }
+
+    /// Fills `gateway_uid`/`gateway_gid` from `gateway_user`, if set.
+    fn resolve_gateway_user(&mut self) -> Result<(), String> {
+        let Some(name) = &self.gateway_user else {
+            return Ok(());
+        };
+        if self.gateway_uid != 0 || self.gateway_gid != 0 {
+            return Err("give gateway_user or gateway_uid/gateway_gid, not both".into());
+        }
+        let user = nix::unistd::User::from_name(name)
+            .map_err(|e| format!("gateway_user {name:?}: {e}"))?
+            .ok_or_else(|| {
+                format!(
+                    "gateway_user {name:?} does not exist: create it (systemd-sysusers, or useradd --system {name}) or set gateway_uid and gateway_gid"
+                )
+            })?;
+        self.gateway_uid = user.uid.as_raw();
+        self.gateway_gid = user.gid.as_raw();
+        Ok(())
     }
 
     /// Parses TOML text (does not validate).
@@ -841,6 +870,26 @@ mod tests {
     #[test]
     fn defaults_with_images_validate() {
         valid().validate().expect("valid");
+    }
+
+    #[test]
+    fn gateway_user_is_resolved_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("broker.toml");
+        // Every Linux user database has root; resolution is what is tested
+        // here (validate() refuses uid 0 separately).
+        std::fs::write(&file, "gateway_user = \"root\"\n").unwrap();
+        let c = BrokerConfig::load(&file).unwrap();
+        assert_eq!((c.gateway_uid, c.gateway_gid), (0, 0));
+        std::fs::write(&file, "gateway_user = \"no-such-user-moat\"\n").unwrap();
+        let err = BrokerConfig::load(&file).unwrap_err().to_string();
+        assert!(
+            err.contains("does not exist") && err.contains("broker.toml"),
+            "{err}"
+        );
+        std::fs::write(&file, "gateway_user = \"root\"\ngateway_uid = 5\n").unwrap();
+        let err = BrokerConfig::load(&file).unwrap_err().to_string();
+        assert!(err.contains("not both"), "{err}");
     }
 
     #[test]

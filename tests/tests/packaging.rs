@@ -176,3 +176,69 @@ fn config_check_names_the_file_line_and_key() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(stdout.matches(": ok").count(), 2, "{stdout}");
 }
+
+#[test]
+fn make_install_places_everything_and_keeps_edited_configs() {
+    let dest = tempfile::tempdir().unwrap();
+    let repo = packaging().join("..");
+    let install = || {
+        let out = Command::new("make")
+            .arg("-C")
+            .arg(&repo)
+            .args(["-s", "install", "PREFIX=/usr/local"])
+            .arg(format!("DESTDIR={}", dest.path().display()))
+            .output()
+            .expect("make");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    install();
+    let d = dest.path();
+    for f in [
+        "usr/local/bin/moat",
+        "usr/local/bin/moat-broker",
+        "usr/local/bin/moat-gateway",
+        "usr/local/bin/moat-jailer",
+        "usr/local/lib/moat/vmlinux",
+        "usr/local/lib/moat/moat-agent",
+        "usr/local/lib/moat/images/base.erofs",
+        "usr/local/lib/sysusers.d/moat.conf",
+        "usr/local/lib/tmpfiles.d/moat.conf",
+        "usr/local/share/doc/moat/reliability.md",
+    ] {
+        assert!(d.join(f).is_file(), "{f} not installed");
+    }
+    let unit = std::fs::read_to_string(d.join("usr/local/lib/systemd/system/moat-broker.service"))
+        .unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/moat-broker --config /etc/moat/broker.toml"));
+    let broker_toml = d.join("etc/moat/broker.toml");
+    let config = std::fs::read_to_string(&broker_toml).unwrap();
+    assert!(
+        config.contains("kernel = \"/usr/local/lib/moat/vmlinux\""),
+        "{config}"
+    );
+    // The installed configs pass the check the daemons run.
+    let out = Command::new(bin_dir().join("moat"))
+        .args(["config", "check", "--broker-config"])
+        .arg(&broker_toml)
+        .arg("--gateway-config")
+        .arg(d.join("etc/moat/gateway.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // An upgrade keeps the operator's edits.
+    std::fs::write(&broker_toml, format!("{config}\n# edited\n")).unwrap();
+    let said = install();
+    assert!(said.contains("keeping"), "{said}");
+    assert!(std::fs::read_to_string(&broker_toml)
+        .unwrap()
+        .ends_with("# edited\n"));
+}
