@@ -14,7 +14,8 @@ step() { echo "==> $*" >&2; }
 
 pkgs=(linux-source-6.1 qemu-system-x86 busybox-static erofs-utils e2fsprogs cpio bc flex bison
       libelf-dev libssl-dev xz-utils libc6-dev gcc make debootstrap file
-      docker-registry skopeo umoci apache2-utils nftables conntrack iproute2 curl systemd)
+      docker-registry skopeo umoci apache2-utils nftables conntrack iproute2 curl systemd
+      nginx openssl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
