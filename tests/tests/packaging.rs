@@ -242,3 +242,138 @@ fn make_install_places_everything_and_keeps_edited_configs() {
         .unwrap()
         .ends_with("# edited\n"));
 }
+
+/// Runs a command in `root` (chroot); panics with its output on failure.
+fn in_root(root: &Path, args: &[&str]) -> String {
+    let out = Command::new("chroot")
+        .arg(root)
+        .args(args)
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .expect("chroot");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{args:?}: {text}");
+    text
+}
+
+#[test]
+fn the_package_installs_upgrades_and_removes_in_a_fresh_debian_root() {
+    // The package, built from this workspace.
+    let out = Command::new(packaging().join("deb/build.sh"))
+        .output()
+        .expect("build the package");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deb = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    // A fresh Debian 12 root: the cached bookworm rootfs set-up built for
+    // the default Python image (no systemd in it, so the maintainer scripts
+    // take their fallbacks and start nothing).
+    let rootfs = std::fs::read_dir("/var/cache/moat/images")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("python-"))
+                && p.extension().is_some_and(|e| e == "tar")
+        })
+        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .expect("a cached Debian rootfs (make setup)");
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let st = Command::new("tar")
+        .arg("-xf")
+        .arg(&rootfs)
+        .arg("-C")
+        .arg(r)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // A root directory as on a real system; the package must not change it.
+    std::fs::set_permissions(r, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // The device nodes every real system has.
+    for (node, minor) in [("null", "3"), ("urandom", "9")] {
+        let _ = std::fs::remove_file(r.join("dev").join(node));
+        let st = Command::new("mknod")
+            .arg(r.join("dev").join(node))
+            .args(["c", "1", minor])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    std::fs::copy(&deb, r.join("tmp/moat.deb")).unwrap();
+    let install = || in_root(r, &["dpkg", "--force-depends", "-i", "/tmp/moat.deb"]);
+    install();
+
+    use std::os::unix::fs::MetadataExt;
+    for f in [
+        "usr/bin/moat-broker",
+        "usr/lib/moat/vmlinux",
+        "etc/moat/broker.toml",
+    ] {
+        assert!(r.join(f).is_file(), "{f}");
+    }
+    let passwd = std::fs::read_to_string(r.join("etc/passwd")).unwrap();
+    let moat_uid: u32 = passwd
+        .lines()
+        .find(|l| l.starts_with("moat:"))
+        .and_then(|l| l.split(':').nth(2))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no moat user: {passwd}"));
+    let secret = std::fs::metadata(r.join("etc/moat/gateway.secret")).unwrap();
+    assert_eq!(
+        (secret.mode() & 0o777, secret.uid(), secret.len()),
+        (0o600, moat_uid, 64)
+    );
+    let run_moat = std::fs::metadata(r.join("run/moat")).unwrap();
+    assert_eq!(run_moat.mode() & 0o777, 0o750);
+    assert_eq!(
+        std::fs::metadata(r).unwrap().mode() & 0o777,
+        0o755,
+        "/ untouched"
+    );
+
+    // An upgrade (the same package again) keeps an edited config and the
+    // secret.
+    let broker_toml = r.join("etc/moat/broker.toml");
+    let edited = format!(
+        "{}\n# operator's edit\n",
+        std::fs::read_to_string(&broker_toml).unwrap()
+    );
+    std::fs::write(&broker_toml, &edited).unwrap();
+    let secret_bytes = std::fs::read(r.join("etc/moat/gateway.secret")).unwrap();
+    install();
+    assert_eq!(std::fs::read_to_string(&broker_toml).unwrap(), edited);
+    assert_eq!(
+        std::fs::read(r.join("etc/moat/gateway.secret")).unwrap(),
+        secret_bytes
+    );
+
+    // State the broker wrote survives removal and purge.
+    std::fs::create_dir_all(r.join("var/lib/moat/sandboxes/default")).unwrap();
+    std::fs::write(r.join("var/lib/moat/sandboxes/default/kept.record"), b"x").unwrap();
+    in_root(r, &["dpkg", "-r", "moat"]);
+    assert!(!r.join("usr/bin/moat-broker").exists());
+    assert_eq!(
+        std::fs::read_to_string(&broker_toml).unwrap(),
+        edited,
+        "remove keeps configs"
+    );
+    in_root(r, &["dpkg", "-P", "moat"]);
+    assert!(!broker_toml.exists(), "purge drops the configs");
+    assert!(r
+        .join("var/lib/moat/sandboxes/default/kept.record")
+        .exists());
+    assert!(
+        r.join("etc/moat/gateway.secret").exists(),
+        "the secret is kept"
+    );
+}
