@@ -164,7 +164,9 @@ async fn run(config: BrokerConfig) -> Result<()> {
         state: state.clone(),
     };
     let sandboxes = Arc::new(Sandboxes::new(ctx));
-    let (records, unreadable) = state.load_all();
+    let (records, unreadable) = state.load_all().context(
+        "reading the sandbox records (nothing was changed; fix the cause and start again)",
+    )?;
     for e in unreadable {
         tracing::error!(error = %e, "sandbox record set aside (renamed *.unreadable)");
     }
@@ -259,13 +261,18 @@ fn write_initramfs(agent: &Path, dir: &Path) -> Result<PathBuf> {
 }
 
 /// Removes what an earlier run left behind and no re-adopted VM uses:
-/// cgroups (killing what is in them), VM directories and jail roots.
+/// cgroups (killing what is in them), VM directories and jail roots. A slot
+/// whose leftovers cannot be removed is kept out of use (its uid or cgroup
+/// may still hold a process), and logged.
 fn sweep_leftovers(ctx: &LaunchContext, adopted: &[u32]) {
-    let kept = |name: &str| {
-        name.strip_prefix("vm-")
-            .unwrap_or(name)
-            .parse::<u32>()
-            .is_ok_and(|slot| adopted.contains(&slot))
+    let slot_of = |name: &str| name.strip_prefix("vm-").unwrap_or(name).parse::<u32>().ok();
+    let kept = |name: &str| slot_of(name).is_some_and(|slot| adopted.contains(&slot));
+    let quarantine = |name: &str| {
+        if let Some(slot) = slot_of(name) {
+            if ctx.slots.claim(slot).is_some() {
+                tracing::error!(slot, "slot kept out of use until the next broker start");
+            }
+        }
     };
     for (name, cg) in ctx.cgroups.leftovers() {
         if kept(&name) {
@@ -273,7 +280,10 @@ fn sweep_leftovers(ctx: &LaunchContext, adopted: &[u32]) {
         }
         match cg.remove() {
             Ok(()) => tracing::warn!(cgroup = %name, "removed leftover cgroup of an earlier run"),
-            Err(e) => tracing::error!(cgroup = %name, error = %e, "cannot remove leftover cgroup"),
+            Err(e) => {
+                tracing::error!(cgroup = %name, error = %e, "cannot remove leftover cgroup");
+                quarantine(&name);
+            }
         }
     }
     for dir in [ctx.vms_dir(), ctx.jails_dir()] {
@@ -289,7 +299,8 @@ fn sweep_leftovers(ctx: &LaunchContext, adopted: &[u32]) {
                     tracing::warn!(dir = %e.path().display(), "removed leftover VM directory")
                 }
                 Err(err) => {
-                    tracing::error!(dir = %e.path().display(), error = %err, "cannot remove leftover VM directory")
+                    tracing::error!(dir = %e.path().display(), error = %err, "cannot remove leftover VM directory");
+                    quarantine(&e.file_name().to_string_lossy());
                 }
             }
         }

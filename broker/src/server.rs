@@ -87,7 +87,7 @@ pub fn authorized_connections(
                     peer_gid = cred.gid(),
                     peer_pid = cred.pid(),
                     allowed_uid,
-                    "refused a broker socket connection from a peer that is not the allowed uid"
+                    "refused broker connection from a peer that is not the allowed uid"
                 );
                 None
             }

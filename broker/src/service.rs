@@ -32,11 +32,36 @@ impl BrokerService {
     }
 }
 
-/// The caller's key id for the audit log (bounded; the gateway's word only).
+/// The caller's key id for the audit log and the sandbox's record (the
+/// gateway's word only): at most 64 characters of `[A-Za-z0-9._-]`, others
+/// replaced, so it never carries terminal escapes into `moat sandbox ls`.
 fn key_id(caller: Option<&Caller>) -> String {
     caller
-        .map(|c| c.key_id.chars().take(64).collect())
+        .map(|c| {
+            c.key_id
+                .chars()
+                .take(64)
+                .map(|ch| {
+                    if ch.is_ascii_alphanumeric() || "._-".contains(ch) {
+                        ch
+                    } else {
+                        '?'
+                    }
+                })
+                .collect()
+        })
         .unwrap_or_else(|| "-".into())
+}
+
+/// Runs a lifecycle operation to its end even when the caller goes away:
+/// tonic drops a handler whose client cancelled (or whose deadline passed),
+/// and a start or stop dropped half-way would leave a VM nothing tracks.
+async fn uncancelled<T: Send + 'static>(
+    op: impl std::future::Future<Output = Result<T, BrokerError>> + Send + 'static,
+) -> Result<T, BrokerError> {
+    tokio::spawn(op)
+        .await
+        .unwrap_or_else(|e| Err(BrokerError::Failed(format!("the operation failed: {e}"))))
 }
 
 fn logged<T>(
@@ -72,10 +97,14 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let req = req.into_inner();
         let key = SandboxKey::from_ref(req.sandbox.as_ref()).map_err(Status::from)?;
-        let r = self
-            .sandboxes
-            .start(&key, req.config.as_ref(), &key_id(req.caller.as_ref()))
-            .await;
+        let (sandboxes, k, config, caller) = (
+            self.sandboxes.clone(),
+            key.clone(),
+            req.config.clone(),
+            key_id(req.caller.as_ref()),
+        );
+        let r =
+            uncancelled(async move { sandboxes.start(&k, config.as_ref(), &caller).await }).await;
         let started_vm = logged("start", &key, req.caller.as_ref(), started, r)?;
         Ok(Response::new(StartSandboxReply {
             started: started_vm,
@@ -88,7 +117,8 @@ impl Broker for BrokerService {
     ) -> Result<Response<StopSandboxReply>, Status> {
         let started = Instant::now();
         let key = SandboxKey::from_ref(req.get_ref().sandbox.as_ref()).map_err(Status::from)?;
-        let r = self.sandboxes.stop(&key).await;
+        let (sandboxes, k) = (self.sandboxes.clone(), key.clone());
+        let r = uncancelled(async move { sandboxes.stop(&k).await }).await;
         logged("stop", &key, req.get_ref().caller.as_ref(), started, r)?;
         Ok(Response::new(StopSandboxReply {}))
     }
@@ -205,7 +235,8 @@ impl Admin for AdminService {
             key_id: "operator".into(),
             namespaces: Vec::new(),
         };
-        let r = self.sandboxes.remove(&key, req.stop).await;
+        let (sandboxes, k, stop) = (self.sandboxes.clone(), key.clone(), req.stop);
+        let r = uncancelled(async move { sandboxes.remove(&k, stop).await }).await;
         let stopped = logged("remove", &key, Some(&operator), started, r)?;
         Ok(Response::new(RemoveSandboxReply { stopped }))
     }

@@ -72,7 +72,7 @@ pub fn spawn(
         .env_clear()
         .current_dir("/")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(false);
     // SAFETY: runs in the forked child before exec; only async-signal-safe

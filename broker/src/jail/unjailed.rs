@@ -37,7 +37,7 @@ pub fn spawn(plan: &LaunchPlan, spec: &JailSpec, passed: Vec<OwnedFd>) -> Result
         .env_clear()
         .current_dir(&spec.dir)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(false);
     // SAFETY: the closure runs in the forked child before exec and calls only

@@ -10,7 +10,7 @@ use std::time::Duration;
 use moat_proto::broker::SandboxSummary;
 use tokio::sync::Mutex as AsyncMutex;
 
-use super::{record_stopped, Entry, SandboxKey, Sandboxes};
+use super::{stop_entry, Entry, SandboxKey, Sandboxes};
 use crate::error::BrokerError;
 
 impl Sandboxes {
@@ -66,15 +66,9 @@ impl Sandboxes {
                 let Some(reason) = reason else {
                     continue;
                 };
-                let Some(vm) = e.vm.take() else {
-                    continue;
-                };
-                let grace =
-                    Duration::from_secs(u64::from(self.ctx.config.limits.stop_timeout_secs));
-                match vm.stop(&self.ctx, grace).await {
+                match stop_entry(&self.ctx, &key, &mut e, Some(reason.clone())).await {
                     Ok(()) => {
                         tracing::info!(sandbox = %key, %reason, "sandbox stopped");
-                        record_stopped(&self.ctx, &mut e, Some(reason)).await;
                         stopped += 1;
                     }
                     Err(err) => {
@@ -229,17 +223,20 @@ impl Sandboxes {
         if e.record.is_none() {
             return Err(super::not_defined(key));
         }
-        let mut was_running = false;
-        if let Some(vm) = e.vm.take() {
+        let was_running = e.vm.is_some();
+        if was_running {
             if !stop {
-                e.vm = Some(vm);
                 return Err(BrokerError::InvalidArgument(format!(
                     "sandbox {key} is running; stop it first, or pass --stop"
                 )));
             }
-            let grace = Duration::from_secs(u64::from(self.ctx.config.limits.stop_timeout_secs));
-            vm.stop(&self.ctx, grace).await?;
-            was_running = true;
+            stop_entry(
+                &self.ctx,
+                key,
+                &mut e,
+                Some("removed by the operator".into()),
+            )
+            .await?;
         }
         self.forget(key, &mut e);
         tracing::info!(sandbox = %key, was_running, "definition removed by the operator");

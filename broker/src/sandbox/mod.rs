@@ -364,31 +364,7 @@ impl Sandboxes {
     pub async fn stop(&self, key: &SandboxKey) -> Result<(), BrokerError> {
         let entry = self.existing(key).ok_or_else(|| not_running(key))?;
         let mut e = entry.lock().await;
-        if e.vm.is_none() {
-            return Err(not_running(key));
-        }
-        // Durable first, so a broker killed during the stop finishes it. A
-        // stop goes on even when this cannot be written (a full state
-        // disk): a restart would then re-adopt the VM if it still runs.
-        if let Some(record) = e.record.clone() {
-            let mut journal = Journal::new(self.ctx.state.clone(), record);
-            let stopping = journal
-                .save(|r| {
-                    if let Some(vm) = r.vm.as_mut() {
-                        vm.phase = moat_proto::state::vm_record::Phase::Stopping as i32;
-                    }
-                })
-                .await;
-            if let Err(err) = stopping {
-                tracing::warn!(sandbox = %key, error = %err, "stopping without a durable record of it");
-            }
-            e.record = Some(journal.into_record());
-        }
-        let vm = e.vm.take().ok_or_else(|| not_running(key))?;
-        let grace = Duration::from_secs(u64::from(self.ctx.config.limits.stop_timeout_secs));
-        vm.stop(&self.ctx, grace).await?;
-        record_stopped(&self.ctx, &mut e, None).await;
-        Ok(())
+        stop_entry(&self.ctx, key, &mut e, None).await
     }
 
     /// What a call into a running sandbox needs, holding one of its call
@@ -605,33 +581,68 @@ impl Sandboxes {
             let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         };
-        let grace = Duration::from_secs(u64::from(self.ctx.config.limits.stop_timeout_secs));
+        let failed = Arc::new(AtomicBool::new(false));
         let stops = entries.into_iter().map(|(key, entry)| {
             let ctx = self.ctx.clone();
+            let failed = failed.clone();
             async move {
                 let mut e = entry.lock().await;
-                if let Some(vm) = e.vm.take() {
-                    match vm.stop(&ctx, grace).await {
-                        Ok(()) => {
-                            tracing::info!(sandbox = %key, "stopped at shutdown");
-                            record_stopped(
-                                &ctx,
-                                &mut e,
-                                Some(
-                                    "the broker shut down (lifecycle.stop_sandboxes_on_shutdown)"
-                                        .into(),
-                                ),
-                            )
-                            .await;
-                        }
-                        Err(e) => tracing::error!(sandbox = %key, error = %e, "stop at shutdown"),
+                if e.vm.is_none() {
+                    return;
+                }
+                let reason = "the broker shut down (lifecycle.stop_sandboxes_on_shutdown)";
+                match stop_entry(&ctx, &key, &mut e, Some(reason.into())).await {
+                    Ok(()) => tracing::info!(sandbox = %key, "stopped at shutdown"),
+                    Err(err) => {
+                        failed.store(true, Ordering::SeqCst);
+                        tracing::error!(sandbox = %key, error = %err, "stop at shutdown");
                     }
                 }
             }
         });
         futures_join_all(stops).await;
-        self.ctx.network.shutdown();
+        if failed.load(Ordering::SeqCst) {
+            // A VM that did not stop may still have a tap: keep it filtered.
+            tracing::error!("a sandbox did not stop: the firewall table and forwarding stay");
+        } else {
+            self.ctx.network.shutdown();
+        }
     }
+}
+
+/// Stops an entry's VM: `STOPPING` recorded first, so a broker killed during
+/// the stop finishes it (a stop goes on when that cannot be written, e.g. a
+/// full state disk: a restart then re-adopts the VM if it still runs), then
+/// the stop, then the record says stopped, with `reason` when the broker
+/// decided it.
+async fn stop_entry(
+    ctx: &LaunchContext,
+    key: &SandboxKey,
+    e: &mut Entry,
+    reason: Option<String>,
+) -> Result<(), BrokerError> {
+    if e.vm.is_none() {
+        return Err(not_running(key));
+    }
+    if let Some(record) = e.record.clone() {
+        let mut journal = Journal::new(ctx.state.clone(), record);
+        let stopping = journal
+            .save(|r| {
+                if let Some(vm) = r.vm.as_mut() {
+                    vm.phase = moat_proto::state::vm_record::Phase::Stopping as i32;
+                }
+            })
+            .await;
+        if let Err(err) = stopping {
+            tracing::warn!(sandbox = %key, error = %err, "stopping without a durable record of it");
+        }
+        e.record = Some(journal.into_record());
+    }
+    let vm = e.vm.take().ok_or_else(|| not_running(key))?;
+    let grace = Duration::from_secs(u64::from(ctx.config.limits.stop_timeout_secs));
+    vm.stop(ctx, grace).await?;
+    record_stopped(ctx, e, reason).await;
+    Ok(())
 }
 
 /// Records that the sandbox's VM is gone (everything was released). A failed

@@ -770,7 +770,8 @@ impl RunningVm {
 
     /// Bytes the writable disk occupies on the host (allocated blocks).
     pub fn disk_usage_bytes(&self) -> Option<u64> {
-        let meta = std::fs::metadata(self.resources.dir.join("rw.ext4")).ok()?;
+        // The VM process owns this directory: never follow a link in it.
+        let meta = std::fs::symlink_metadata(self.resources.dir.join("rw.ext4")).ok()?;
         Some(std::os::unix::fs::MetadataExt::blocks(&meta) * 512)
     }
 
@@ -798,12 +799,14 @@ impl RunningVm {
 
 /// How long a re-adopted VM's agent has to answer a Hello.
 const ADOPT_AGENT_WAIT: Duration = Duration::from_secs(10);
+/// How long the console socket of a re-adopted VM may take to accept.
+const ADOPT_CONSOLE_WAIT: Duration = Duration::from_secs(1);
 
 /// Takes back a VM an earlier broker started, as its record describes it:
 /// the slot, the jailer's waiting process (same pid and start time, in the
 /// slot's cgroup), the console and agent sockets, and its network. Anything
-/// that does not match is an error, and whatever was found is then killed
-/// and released (the caller logs why).
+/// that does not match is an error (the caller logs why); what was found is
+/// left for the broker's sweep of slots nothing was re-adopted into.
 pub async fn adopt(
     ctx: &LaunchContext,
     namespace: &str,
@@ -821,11 +824,7 @@ pub async fn adopt(
     let namespace_permit = ctx.namespaces.try_take(namespace);
     let permit = ctx.running.clone().try_acquire_owned().ok();
     let (Some(namespace_permit), Some(permit)) = (namespace_permit, permit) else {
-        // Released by hand: there is no VmResources without permits.
-        if let Some(cg) = cgroup {
-            let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
-        }
-        let _ = tokio::fs::remove_dir_all(&dir).await;
+        // Not cleaned here (see the failure branch below): the sweep does.
         ctx.slots.release(slot);
         return Err("the server's or namespace's sandbox limit is now lower than what runs".into());
     };
@@ -859,9 +858,10 @@ pub async fn adopt(
             "VM process ended (it was re-adopted: its exit status went to the process that reaped it)".into(),
         );
         let deadline = Instant::now() + ADOPT_AGENT_WAIT;
+        let console_deadline = Instant::now() + ADOPT_CONSOLE_WAIT;
         let console = ConsoleLog::new(CONSOLE_BYTES);
         if let Err(e) = console
-            .attach(&res.dir.join("console.sock"), rec.uid, deadline)
+            .attach(&res.dir.join("console.sock"), rec.uid, console_deadline)
             .await
         {
             tracing::warn!(sandbox = hostname, error = %e, "re-adopted without its console");
@@ -907,9 +907,16 @@ pub async fn adopt(
             resources: res,
         }),
         Err(why) => {
-            if let Err(cleanup) = res.release(ctx).await {
-                tracing::error!(sandbox = hostname, %cleanup, "cleanup of a VM that could not be re-adopted");
+            // Nothing is killed or removed here: the record may be stale and
+            // the slot's cgroup and directory another sandbox's (one whose
+            // record is read later). The sweep after recovery cleans every
+            // slot no VM was re-adopted into.
+            if let Some(net) = res.network.take() {
+                if let Err(e) = net.detach(&ctx.network).await {
+                    tracing::error!(sandbox = hostname, error = %e, "network of a VM that could not be re-adopted");
+                }
             }
+            ctx.slots.release(res.slot);
             Err(why)
         }
     }

@@ -76,7 +76,11 @@ impl StateStore {
             reason,
         })?;
         let ns_dir = self.dir.join(&record.namespace);
-        atomic::private_dir(&ns_dir).map_err(io(&ns_dir))?;
+        if !ns_dir.is_dir() {
+            atomic::private_dir(&ns_dir).map_err(io(&ns_dir))?;
+            // The new directory's own entry must be durable too.
+            atomic::sync_dir(&self.dir).map_err(io(&self.dir))?;
+        }
         let path = self.path(&record.namespace, &record.name);
         let mut record = record.clone();
         record.format = RECORD_FORMAT;
@@ -96,25 +100,30 @@ impl StateStore {
         }
     }
 
-    /// Every record, sorted by namespace and name. A file that cannot be
-    /// used is renamed `*.unreadable` (kept for the operator, never read
-    /// again) and reported; leftover temporary files of interrupted writes
-    /// are deleted.
-    pub fn load_all(&self) -> (Vec<SandboxRecord>, Vec<StateError>) {
+    /// Every record, sorted by namespace and name, and the records set
+    /// aside: a file whose content cannot be used is renamed `*.unreadable`
+    /// (kept for the operator, never read again); leftover temporary files
+    /// of interrupted writes are deleted. An I/O error (a directory or file
+    /// that cannot be read) is an error: guessing would make the broker
+    /// clean up VMs whose records it merely failed to read.
+    pub fn load_all(&self) -> Result<(Vec<SandboxRecord>, Vec<StateError>), StateError> {
         let mut records = Vec::new();
         let mut problems = Vec::new();
-        let Ok(namespaces) = std::fs::read_dir(&self.dir) else {
-            return (records, problems);
+        let namespaces = match std::fs::read_dir(&self.dir) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((records, problems)),
+            Err(e) => return Err(io(&self.dir)(e)),
         };
-        for ns in namespaces.flatten() {
+        for ns in namespaces {
+            let ns = ns.map_err(io(&self.dir))?;
             let ns_name = ns.file_name().to_string_lossy().into_owned();
-            if !ns.file_type().is_ok_and(|t| t.is_dir()) {
+            if !ns.file_type().map_err(io(&ns.path()))?.is_dir() {
                 continue;
             }
-            let Ok(files) = std::fs::read_dir(ns.path()) else {
-                continue;
-            };
-            for f in files.flatten() {
+            let ns_path = ns.path();
+            let files = std::fs::read_dir(&ns_path).map_err(io(&ns_path))?;
+            for f in files {
+                let f = f.map_err(io(&ns_path))?;
                 let path = f.path();
                 let file_name = f.file_name().to_string_lossy().into_owned();
                 if atomic::is_temporary(&file_name) {
@@ -126,16 +135,17 @@ impl StateStore {
                 };
                 match read_record(&path, &ns_name, name) {
                     Ok(r) => records.push(r),
-                    Err(e) => {
+                    Err(e @ StateError::Corrupt { .. }) => {
                         let aside = path.with_extension("unreadable");
                         let _ = std::fs::rename(&path, &aside);
                         problems.push(e);
                     }
+                    Err(e) => return Err(e),
                 }
             }
         }
         records.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        (records, problems)
+        Ok((records, problems))
     }
 }
 
@@ -218,7 +228,7 @@ mod tests {
         let mut changed = record("a", "one");
         changed.vm = None;
         s.save(&changed).unwrap();
-        let (all, problems) = s.load_all();
+        let (all, problems) = s.load_all().unwrap();
         assert!(problems.is_empty());
         assert_eq!(all.len(), 2);
         assert_eq!(
@@ -229,7 +239,7 @@ mod tests {
         assert_eq!(all[1].format, RECORD_FORMAT);
         s.remove("a", "one").unwrap();
         s.remove("a", "one").unwrap();
-        assert_eq!(s.load_all().0.len(), 1);
+        assert_eq!(s.load_all().unwrap().0.len(), 1);
     }
 
     #[test]
@@ -244,13 +254,13 @@ mod tests {
         std::fs::write(ns.join(".good.record.tmp-1-2"), b"partial").unwrap();
         std::fs::create_dir(s.dir().join("..bad")).unwrap();
         std::fs::write(s.dir().join("..bad").join("x.record"), b"").unwrap();
-        let (all, problems) = s.load_all();
+        let (all, problems) = s.load_all().unwrap();
         assert_eq!(all.len(), 1, "{all:?}");
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(ns.join("junk.unreadable").exists());
         assert!(!ns.join(".good.record.tmp-1-2").exists());
         // Set aside: the next start does not complain again.
-        assert!(s.load_all().1.is_empty());
+        assert!(s.load_all().unwrap().1.is_empty());
     }
 
     #[test]
