@@ -295,6 +295,10 @@ pub struct Limits {
     pub vmm_overhead_mib: u32,
     /// Most processes/threads in a VM process's cgroup.
     pub vmm_pids_max: u32,
+    /// Most processes/threads the sandbox's own code may have inside the
+    /// guest (its workload cgroup's `pids.max`); the guest agent keeps
+    /// the rest of the guest's pids, so a fork bomb cannot starve it.
+    pub guest_pids_max: u32,
     /// How long a guest may take to answer after its VM process starts.
     pub boot_timeout_secs: u32,
     /// How long a graceful stop may take before the VM process is killed.
@@ -404,6 +408,11 @@ impl Default for VmmConfig {
     }
 }
 
+/// Bounds of `limits.guest_pids_max`: enough for a shell pipeline, and
+/// below the guest kernel's `pid_max` so the agent always has pids left.
+pub const GUEST_PIDS_MIN: u32 = 16;
+pub const GUEST_PIDS_MAX: u32 = 32_000;
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -420,6 +429,7 @@ impl Default for Limits {
             disk_write_iops: 10_000,
             vmm_overhead_mib: 256,
             vmm_pids_max: 256,
+            guest_pids_max: 4096,
             boot_timeout_secs: 60,
             stop_timeout_secs: 10,
             default_command_timeout_secs: 30,
@@ -663,6 +673,11 @@ impl BrokerConfig {
             if v == 0 {
                 return bad(format!("limits.{name} must be greater than 0"));
             }
+        }
+        if !(GUEST_PIDS_MIN..=GUEST_PIDS_MAX).contains(&l.guest_pids_max) {
+            return bad(format!(
+                "limits.guest_pids_max must be between {GUEST_PIDS_MIN} and {GUEST_PIDS_MAX} (the guest kernel's pid range)"
+            ));
         }
         if l.default_memory_mib > l.max_memory_mib {
             return bad("limits.default_memory_mib exceeds limits.max_memory_mib".into());
@@ -917,6 +932,13 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("default_memory_mib"));
+
+        for pids in [0, GUEST_PIDS_MIN - 1, GUEST_PIDS_MAX + 1] {
+            let mut c = valid();
+            c.limits.guest_pids_max = pids;
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("limits.guest_pids_max"), "{err}");
+        }
 
         let mut c = valid();
         c.images.default = "Not A Reference".into();

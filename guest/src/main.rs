@@ -30,6 +30,7 @@ mod rootfs;
 mod setup;
 mod testhook;
 mod user;
+mod workload;
 
 use crate::log::log;
 

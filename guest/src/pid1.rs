@@ -1,5 +1,5 @@
 //! PID 1: runs the boot sequence (mounts, root switch, hostname, loopback,
-//! port discovery), forks the channel server, then reaps every process until
+//! workload cgroups, port discovery), forks the channel server, then reaps every process until
 //! the server exits, and powers the VM off. Any failure powers off too, after
 //! a `FATAL:` line on the console explaining why.
 
@@ -20,6 +20,7 @@ use crate::host;
 use crate::log::log;
 use crate::power::{self, power_off};
 use crate::rootfs;
+use crate::workload;
 
 /// Environment variable (from the kernel command line) naming the VM.
 pub const HOSTNAME_VAR: &str = "MOAT_HOSTNAME";
@@ -88,6 +89,7 @@ fn boot() -> Result<PathBuf> {
         Ok(()) => log!("loopback up"),
         Err(e) => log!("loopback not up: {e}"),
     }
+    workload::set_up();
 
     discover::wait_for(
         &format!("virtio-serial port {PORT_NAME:?}"),
@@ -107,6 +109,11 @@ fn with_inventory(e: AgentError, inventory: &str) -> AgentError {
 
 /// The server process: serves the port until it fails.
 fn serve(port: &Path) -> ! {
+    if let Some(layout) = workload::active() {
+        if let Err(e) = layout.join_agent() {
+            log!("the agent server stays outside its cgroup: {e}");
+        }
+    }
     let shutdown = Box::new(|| power_off("shutdown requested by the host"));
     match channel::serve_port(port, shutdown) {
         Ok(()) => log!("agent server stopped"),

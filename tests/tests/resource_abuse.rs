@@ -58,6 +58,20 @@ fn memory_past_the_guest_ram_is_contained_in_the_guest() {
     // it failed, inside the guest.
     assert_eq!(r["success"], json!(false), "{r}");
     assert_ne!(r["exit_code"], json!(0), "{r}");
+    // When the OOM killer ran, it ran inside the workload's cgroup, whose
+    // limit leaves the agent its reserve.
+    let events = workload_file(&s, "hog", "memory.events");
+    let oom_kills: u64 = events
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("memory.events: {events:?}"));
+    if r["exit_code"] == json!(137) {
+        assert!(
+            oom_kills > 0,
+            "killed, but not by the workload's OOM: {events}"
+        );
+    }
     let m = metrics(&s, "hog");
     let mib = m["memory_usage"].as_f64().expect("memory_usage");
     assert!(
@@ -74,9 +88,26 @@ fn memory_past_the_guest_ram_is_contained_in_the_guest() {
     s.assert_no_leftovers();
 }
 
+/// The guest's workload cgroup file `name`, read by a command that forks
+/// nothing (it works while the workload is at its pid limit).
+fn workload_file(s: &Server, sandbox: &str, name: &str) -> String {
+    let r = run_for(
+        s,
+        sandbox,
+        "cat",
+        &[&format!("/sys/fs/cgroup/workload/{name}")],
+        10,
+    );
+    assert_eq!(r["success"], json!(true), "{r}");
+    lines_of(&r, "stdout").join("\n")
+}
+
 #[test]
 fn a_fork_bomb_stays_in_its_guest_and_is_stopped_by_the_timeout() {
-    let s = Server::start();
+    let s = Server::start_with(Options {
+        limits_toml: "guest_pids_max = 512\n".into(),
+        ..Options::default()
+    });
     s.start_sandbox("bomb", json!({"cpus": 1}));
     s.start_sandbox("bystander", json!({}));
     let host_processes = s.sandbox_processes().len();
@@ -89,11 +120,28 @@ fn a_fork_bomb_stays_in_its_guest_and_is_stopped_by_the_timeout() {
         assert_eq!(s.sandbox_processes().len(), host_processes);
         let m = metrics(&s, "bomb");
         let cpu = m["cpu_usage"].as_f64().expect("cpu_usage");
+        // An idle guest uses a few percent; the margin leaves room for a
+        // busy host.
         assert!(
-            cpu > 50.0,
+            cpu > 30.0,
             "cpu_usage {cpu}: the bomb should keep its CPU busy"
         );
         assert!(cpu <= 110.0, "cpu_usage {cpu}: held to one CPU");
+        // Inside the guest the bomb hit the configured pid limit, and the
+        // agent still answers in the bombed sandbox itself.
+        let start = Instant::now();
+        assert_eq!(workload_file(&s, "bomb", "pids.max"), "512");
+        let events = workload_file(&s, "bomb", "pids.events");
+        let refused: u64 = events
+            .strip_prefix("max ")
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("pids.events: {events:?}"));
+        assert!(refused > 0, "the bomb never reached pids.max: {events}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the bombed sandbox's agent took {:?} to answer",
+            start.elapsed()
+        );
         assert_responsive(&s, "bystander");
         let r = bomb.join().unwrap();
         assert_eq!(r["success"], json!(false), "{r}");
@@ -118,6 +166,52 @@ fn a_fork_bomb_stays_in_its_guest_and_is_stopped_by_the_timeout() {
     assert_responsive(&s, "bomb");
     s.stop_sandbox("bomb");
     s.stop_sandbox("bystander");
+    s.assert_no_leftovers();
+}
+
+#[test]
+fn a_timeout_kills_what_the_command_started_even_outside_its_process_group() {
+    let s = Server::start();
+    s.start_sandbox("escape", json!({}));
+    // `setsid` leaves the command's process group (and its session), so
+    // only the command's workload cgroup still holds it.
+    let r = run_for(
+        &s,
+        "escape",
+        "sh",
+        &["-c", "setsid sleep 4321 & sleep 4322"],
+        2,
+    );
+    assert_eq!(r["success"], json!(false), "{r}");
+    let r = s.run(
+        "escape",
+        "sh",
+        &["-c", "ps | grep -c '[s]leep 432' || true"],
+    );
+    assert_eq!(lines_of(&r, "stdout"), vec!["0"], "{r}");
+    // Without a timeout, what a command leaves running keeps running (a
+    // started server is the point of such a command).
+    let r = s.run("escape", "sh", &["-c", "setsid sleep 4323 & echo started"]);
+    assert_eq!(lines_of(&r, "stdout"), vec!["started"], "{r}");
+    let r = s.run(
+        "escape",
+        "sh",
+        &["-c", "ps | grep -c '[s]leep 4323' || true"],
+    );
+    assert_eq!(lines_of(&r, "stdout"), vec!["1"], "{r}");
+    // The agent itself is never the OOM killer's choice; what it runs is.
+    let r = s.run(
+        "escape",
+        "sh",
+        &[
+            "-c",
+            "cat /proc/$PPID/oom_score_adj /proc/self/oom_score_adj /proc/self/cgroup",
+        ],
+    );
+    let lines = lines_of(&r, "stdout");
+    assert_eq!(lines[..2], ["-1000", "0"], "{r}");
+    assert!(lines[2].starts_with("0::/workload/cmd-"), "{r}");
+    s.stop_sandbox("escape");
     s.assert_no_leftovers();
 }
 

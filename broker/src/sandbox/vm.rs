@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,6 +85,9 @@ pub struct RunningVm {
     cpu_percent: Arc<AtomicU64>,
     /// When a call last began or ended (ms since the Unix epoch).
     last_used: Arc<AtomicU64>,
+    /// Set before the broker stops the VM, so its exit is not reported as
+    /// unexpected.
+    stopping: Arc<AtomicBool>,
     resources: VmResources,
 }
 
@@ -201,6 +204,30 @@ fn spawn_cpu_sampler(cgroup: Option<Cgroup>, exit: ExitWatch) -> Arc<AtomicU64> 
         }
     });
     out
+}
+
+/// Console lines logged when a VM ends without the broker stopping it.
+const CONSOLE_LINES_ON_EXIT: usize = 20;
+
+/// Logs, with the console's last lines, a VM that ends while nobody stops
+/// it (a guest power-off, a crashed agent, a kernel panic, a killed VM
+/// process), so the operator sees why. Returns the flag `stop` sets first.
+fn report_unexpected_exit(hostname: &str, exit: ExitWatch, console: ConsoleLog) -> Arc<AtomicBool> {
+    let stopping = Arc::new(AtomicBool::new(false));
+    let flag = stopping.clone();
+    let hostname = hostname.to_owned();
+    tokio::spawn(async move {
+        let status = wait_exit(exit).await;
+        if !flag.load(Ordering::Relaxed) {
+            tracing::warn!(
+                sandbox = hostname,
+                %status,
+                console = %console.tail(CONSOLE_LINES_ON_EXIT),
+                "VM ended without a stop request"
+            );
+        }
+    });
+    stopping
 }
 
 /// Waits until the VM process has exited (returns at once if it has).
@@ -339,6 +366,7 @@ pub async fn launch(
     match recorded {
         Ok(parts) => Ok(RunningVm {
             cpu_percent: spawn_cpu_sampler(res.cgroup.clone(), parts.exit.clone()),
+            stopping: report_unexpected_exit(hostname, parts.exit.clone(), parts.console),
             started_at,
             spec,
             effective: image.effective,
@@ -373,6 +401,7 @@ struct Booted {
     agent: AgentClient,
     exit: ExitWatch,
     identity: Option<ProcessIdentity>,
+    console: ConsoleLog,
 }
 
 /// Opens every volume's host directory beneath its root (again: the
@@ -482,6 +511,7 @@ async fn boot(
         memory_mib: spec.memory_mib,
         cpus: spec.cpus,
         hostname: hostname.to_string(),
+        guest_pids_max: limits.guest_pids_max,
         test_hooks: cfg.testing.agent_hooks,
         disk_io: limits.disk_io(),
         nic,
@@ -600,6 +630,7 @@ async fn boot(
                 agent,
                 exit: exit_rx,
                 identity,
+                console,
             })
         }
         Err(cause) => {
@@ -743,6 +774,7 @@ impl RunningVm {
     /// Stops the VM: asks the guest to power off, kills the VM process after
     /// `grace`, then releases everything it held.
     pub async fn stop(self, ctx: &LaunchContext, grace: Duration) -> Result<(), BrokerError> {
+        self.stopping.store(true, Ordering::Relaxed);
         if self.exit.borrow().is_none() {
             let _ = self
                 .agent
@@ -889,12 +921,13 @@ pub async fn adopt(
             }
             None => spec.clone(),
         };
-        Ok((agent, exit, effective))
+        Ok((agent, exit, effective, console))
     }
     .await;
     match adopted {
-        Ok((agent, exit, effective)) => Ok(RunningVm {
+        Ok((agent, exit, effective, console)) => Ok(RunningVm {
             cpu_percent: spawn_cpu_sampler(res.cgroup.clone(), exit.clone()),
+            stopping: report_unexpected_exit(hostname, exit.clone(), console),
             started_at: std::time::UNIX_EPOCH + Duration::from_millis(rec.started_at_ms),
             spec,
             effective,

@@ -33,6 +33,8 @@ pub struct VmSpec {
     pub cpus: u32,
     /// Guest hostname (a validated sandbox name).
     pub hostname: String,
+    /// `pids.max` of the guest's workload cgroup (`limits.guest_pids_max`).
+    pub guest_pids_max: u32,
     /// Let the agent honour `moat-test-hook` commands (test suites only).
     pub test_hooks: bool,
     /// Throttling the VMM applies to each guest disk.
@@ -86,8 +88,8 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
     // panic reboots (and so exits) instead of hanging. No "--": QEMU appends
     // virtio_mmio device words after ours.
     let mut line = format!(
-        "console=ttyS0 reboot=t panic=-1 quiet loglevel=4 MOAT_HOSTNAME={}",
-        spec.hostname
+        "console=ttyS0 reboot=t panic=-1 quiet loglevel=4 MOAT_HOSTNAME={} MOAT_PIDS_MAX={}",
+        spec.hostname, spec.guest_pids_max
     );
     if spec.test_hooks {
         line.push_str(" MOAT_TEST_HOOKS=1");

@@ -196,6 +196,7 @@ mod tests {
             memory_mib: 512,
             cpus: 2,
             hostname: "sb1".into(),
+            guest_pids_max: 4096,
             test_hooks: false,
             disk_io: crate::disk::DiskIo {
                 read_bps: 1000,
@@ -250,7 +251,7 @@ mod tests {
         assert!(joined.contains("-m 512M") && joined.contains("-smp 2"));
         let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
         assert!(
-            append.contains("MOAT_HOSTNAME=sb1") && !append.contains("--"),
+            append.contains("MOAT_HOSTNAME=sb1 MOAT_PIDS_MAX=4096") && !append.contains("--"),
             "{append}"
         );
         assert!(q.extra_groups().is_empty());

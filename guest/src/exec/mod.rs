@@ -74,16 +74,28 @@ pub fn run(req: &Exec) -> Result<ExecResult> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    if let Some(id) = identity {
-        // SAFETY: the closure only makes raw setgroups/setgid/setuid calls
-        // on data built before the fork.
-        unsafe {
-            cmd.pre_exec(move || crate::user::switch_in_child(&id));
-        }
+    let group = crate::workload::group_for("cmd");
+    let procs_fd = group.as_ref().map(crate::workload::Group::procs_fd);
+    // SAFETY: the closure only makes raw write/open/close calls (entering
+    // the workload group) and raw setgroups/setgid/setuid calls on data
+    // built before the fork; the group's descriptor outlives the spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            crate::workload::enter_in_child(procs_fd)?;
+            match &identity {
+                Some(id) => crate::user::switch_in_child(id),
+                None => Ok(()),
+            }
+        });
     }
     let child = match cmd.spawn() {
         Ok(child) => child,
         Err(err) => return Ok(cannot_run(spec.program, &err)),
     };
-    Ok(supervise::supervise(child, spec.timeout, spec.cap))
+    Ok(supervise::supervise(
+        child,
+        spec.timeout,
+        spec.cap,
+        group.as_ref(),
+    ))
 }

@@ -1,7 +1,8 @@
 //! Watching a spawned command: reading stdout and stderr as they arrive,
 //! noticing its exit (pidfd, or polling without one), killing its process
-//! group at the timeout, and draining the pipes for a bounded time after the
-//! exit in case an escaped grandchild keeps them open.
+//! group and its workload group at the timeout, and draining the pipes for
+//! a bounded time after the exit in case an escaped grandchild keeps them
+//! open.
 
 use std::io::{self, Read};
 use std::os::fd::AsFd;
@@ -17,6 +18,7 @@ use nix::unistd::Pid;
 use super::{DRAIN_AFTER_EXIT, MAX_LINES};
 use crate::fd::pidfd_open;
 use crate::output::Collector;
+use crate::workload::Group;
 
 /// Exit-status polling interval when pidfds are unavailable.
 const TICK: Duration = Duration::from_millis(10);
@@ -41,8 +43,15 @@ fn until(deadline: Instant, now: Instant) -> Duration {
     deadline.saturating_duration_since(now)
 }
 
-/// Collects output until the command is done, enforcing the timeout.
-pub fn supervise(mut child: Child, timeout: Option<Duration>, cap: u64) -> ExecResult {
+/// Collects output until the command is done, enforcing the timeout: at
+/// the deadline its process group is killed, and its workload group
+/// (everything it started, wherever it moved) when it has one.
+pub fn supervise(
+    mut child: Child,
+    timeout: Option<Duration>,
+    cap: u64,
+    group: Option<&Group>,
+) -> ExecResult {
     let start = Instant::now();
     let deadline = timeout.and_then(|t| start.checked_add(t));
     let pid = child.id();
@@ -83,6 +92,9 @@ pub fn supervise(mut child: Child, timeout: Option<Duration>, cap: u64) -> ExecR
             // reaped yet, so the id cannot have been reused.
             if let Ok(pgid) = i32::try_from(pid) {
                 let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            }
+            if let Some(group) = group {
+                group.kill();
             }
             timed_out = true;
         }

@@ -23,6 +23,7 @@ use super::{KILL_WAIT, START_TIMEOUT};
 use crate::error::{AgentError, Result};
 use crate::fd;
 use crate::output::Collector;
+use crate::workload::Group;
 
 /// Exit polling interval when pidfds are unavailable.
 const TICK: Duration = Duration::from_millis(10);
@@ -51,6 +52,8 @@ pub struct Session {
     pidfd: Option<OwnedFd>,
     pub(super) pipes: Pipes,
     pub(super) next_id: u64,
+    /// Its workload group; removed (once empty) after the session.
+    group: Option<Group>,
 }
 
 /// "exit status 3", "killed by SIGKILL".
@@ -94,6 +97,7 @@ impl Session {
             AgentError::Unavailable(format!("cannot start the {name} interpreter {shown}: {e}"))
         })?;
         let mut child = spawned.child;
+        let group = spawned.group;
         let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
         let pidfd = fd::pidfd_open(child.id());
         let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
@@ -108,6 +112,9 @@ impl Session {
             Ok(pipes) => pipes,
             Err(e) => {
                 let _ = killpg(pid, Signal::SIGKILL);
+                if let Some(g) = &group {
+                    g.kill();
+                }
                 let _ = child.wait();
                 return Err(AgentError::Unavailable(format!(
                     "cannot start the {name} interpreter {shown}: {e}"
@@ -120,6 +127,7 @@ impl Session {
             pidfd,
             pipes,
             next_id: 1,
+            group,
         };
         let mut out = Collector::new(STARTUP_OUTPUT, 1000);
         let deadline = Instant::now() + START_TIMEOUT;
@@ -202,10 +210,19 @@ impl Session {
             return "already gone".to_owned();
         };
         // The leader is a zombie at worst, so the group id is still ours.
-        let _ = killpg(self.pid, Signal::SIGKILL);
+        self.kill_group();
         match child.wait() {
             Ok(status) => describe(status),
             Err(e) => format!("status unknown: {e}"),
+        }
+    }
+
+    /// SIGKILL to the process group, and to the workload group (which also
+    /// holds what left the process group).
+    fn kill_group(&self) {
+        let _ = killpg(self.pid, Signal::SIGKILL);
+        if let Some(g) = &self.group {
+            g.kill();
         }
     }
 
@@ -222,7 +239,7 @@ impl Session {
         if self.child.is_none() {
             return;
         }
-        let _ = killpg(self.pid, Signal::SIGKILL);
+        self.kill_group();
         if self.wait_exit(KILL_WAIT) {
             self.reap();
         } else if let Some(mut child) = self.child.take() {

@@ -1,5 +1,5 @@
 //! Starting an interpreter: finding it in the request's PATH, and spawning it
-//! in its own process group with stdin `/dev/null`, stdout/stderr piped, and
+//! in its own process group and workload group with stdin `/dev/null`, stdout/stderr piped, and
 //! the three control pipes on fds 3, 4 and 5.
 
 use std::ffi::OsStr;
@@ -14,6 +14,7 @@ use super::spec::ReplSpec;
 use crate::error::{AgentError, Result};
 use crate::exec::{path_of, resolve};
 use crate::fd;
+use crate::workload::{self, Group};
 
 /// The control fds as the driver sees them: requests, events, acks.
 pub const CONTROL_FDS: [RawFd; 3] = [3, 4, 5];
@@ -30,6 +31,8 @@ pub struct Spawned {
     pub events: File,
     /// Write end of fd 5.
     pub acks: File,
+    /// The session's workload group, when the guest has the layout.
+    pub group: Option<Group>,
 }
 
 /// Finds the flavor's interpreter in the request's PATH.
@@ -95,12 +98,16 @@ pub fn spawn(spec: &ReplSpec<'_>, program: &PathBuf) -> io::Result<Spawned> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: the closure only calls fcntl, dup2, close and the raw
-    // setgroups/setgid/setuid of the identity switch (async-signal-safe) and
-    // allocates nothing; the descriptors it copies are the pipe ends held in
-    // the locals above, which stay open until after `spawn` returns.
+    let group = workload::group_for("repl");
+    let procs_fd = group.as_ref().map(Group::procs_fd);
+    // SAFETY: the closure only calls write, open, fcntl, dup2, close and the
+    // raw setgroups/setgid/setuid of the identity switch (async-signal-safe)
+    // and allocates nothing; the descriptors it uses are the pipe ends and
+    // the group held in the locals above, which stay open until after
+    // `spawn` returns.
     unsafe {
         cmd.pre_exec(move || {
+            workload::enter_in_child(procs_fd)?;
             install_control_fds(child_ends)?;
             match &identity {
                 Some(id) => crate::user::switch_in_child(id),
@@ -121,5 +128,6 @@ pub fn spawn(spec: &ReplSpec<'_>, program: &PathBuf) -> io::Result<Spawned> {
         requests: File::from(req_write),
         events: File::from(ev_read),
         acks: File::from(ack_write),
+        group,
     })
 }

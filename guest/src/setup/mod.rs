@@ -218,11 +218,16 @@ pub fn run_in(root: &Path, req: &Setup, machine: &mut impl Machine) -> Result<Se
         .stdout(Stdio::from(write_end))
         .stderr(Stdio::from(stderr_end));
 
-    // SAFETY: setsid and the identity switch (raw setgroups/setgid/setuid
-    // on data built before the fork) are async-signal-safe; a freshly forked
-    // child is never a process group leader, so setsid cannot fail.
+    let group = crate::workload::group_for("background");
+    let procs_fd = group.as_ref().map(crate::workload::Group::procs_fd);
+    // SAFETY: entering the workload group (raw write/open/close), setsid
+    // and the identity switch (raw setgroups/setgid/setuid on data built
+    // before the fork) are async-signal-safe; a freshly forked child is
+    // never a process group leader, so setsid cannot fail; the group's
+    // descriptor outlives the spawn.
     unsafe {
         cmd.pre_exec(move || {
+            crate::workload::enter_in_child(procs_fd)?;
             libc::setsid();
             match &identity {
                 Some(id) => crate::user::switch_in_child(id),
@@ -234,6 +239,10 @@ pub fn run_in(root: &Path, req: &Setup, machine: &mut impl Machine) -> Result<Se
     // Drop our copies of the pipe's write end (held by `cmd`), or the drain
     // would never see end-of-file.
     drop(cmd);
+    // The background group lives as long as the VM.
+    if let Some(group) = group {
+        group.keep();
+    }
     let mut child = spawned.map_err(|e| {
         AgentError::Unavailable(format!(
             "setup: cannot start the background process {}: {e}",
