@@ -88,7 +88,7 @@ install:
 	  [ -f $$f ] || { echo "install: $$f is missing: run make setup first" >&2; exit 1; }; done
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/moat/images \
 	  $(DESTDIR)$(PREFIX)/lib/systemd/system $(DESTDIR)$(PREFIX)/lib/sysusers.d \
-	  $(DESTDIR)$(PREFIX)/lib/tmpfiles.d $(DESTDIR)$(PREFIX)/share/doc/moat \
+	  $(DESTDIR)$(PREFIX)/lib/tmpfiles.d $(DESTDIR)$(PREFIX)/share/doc/moat/examples \
 	  $(DESTDIR)$(SYSCONFDIR)/moat
 	install -m 0755 target/release/moat target/release/moat-broker \
 	  target/release/moat-gateway target/release/moat-jailer $(DESTDIR)$(PREFIX)/bin/
@@ -101,6 +101,7 @@ install:
 	install -m 0644 packaging/sysusers.d/moat.conf $(DESTDIR)$(PREFIX)/lib/sysusers.d/moat.conf
 	install -m 0644 packaging/tmpfiles.d/moat.conf $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/moat.conf
 	install -m 0644 README.md SECURITY.md docs/*.md $(DESTDIR)$(PREFIX)/share/doc/moat/
+	install -m 0644 packaging/nginx/moat.conf $(DESTDIR)$(PREFIX)/share/doc/moat/examples/nginx-moat.conf
 	for c in broker gateway; do \
 	  if [ -e $(DESTDIR)$(SYSCONFDIR)/moat/$$c.toml ]; then \
 	    echo "install: keeping $(DESTDIR)$(SYSCONFDIR)/moat/$$c.toml"; \

@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -216,6 +216,9 @@ pub fn enter_root(spec: &JailSpec, volumes: Vec<(OwnedFd, FdBind)>) -> Result<()
                 makedev(*major, *minor),
             )
             .map_err(JailError::errno("create a device node"))?;
+            // Explicitly, not through the umask: every jailed uid uses them.
+            fs::set_permissions(dev.join(name), fs::Permissions::from_mode(0o666))
+                .map_err(JailError::step("set a device node's mode"))?;
         }
     }
     let proc_dir = root.join("proc");

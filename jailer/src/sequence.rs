@@ -3,7 +3,9 @@
 //!
 //! 1. validate the spec (`spec.rs`, before this function runs);
 //! 2. close every inherited fd above stderr except the passed ones (3, 4,
-//!    ...: `--keep-fd`, `--bind-fd`); clear the environment;
+//!    ...: `--keep-fd`, `--bind-fd`); clear the environment; umask 022, so
+//!    the jail's directories are traversable by the sandbox's uid whatever
+//!    umask the broker runs with (systemd gives it 077);
 //! 3. join the sandbox's cgroups (memory, CPU, pids limits apply from here);
 //!    turn the volume fds into detached mounts (they must be cloned while
 //!    still in the host's mount namespace);
@@ -17,13 +19,15 @@
 //! 8. drop every capability from the bounding set, then supplementary
 //!    groups, gid and uid (real, effective, saved); clear ambient caps;
 //! 9. `no_new_privs`; parent-death SIGKILL (the VM dies with its waiter);
-//! 10. seccomp filters (allow-list compiled from `seccomp/*.json`);
+//! 10. umask 077 (what the VMM creates, its sockets, is its own); seccomp
+//!     filters (allow-list compiled from `seccomp/*.json`);
 //! 11. exec the VMM with an empty environment.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 
 use nix::sched::{unshare, CloneFlags};
+use nix::sys::stat::{umask, Mode};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult};
 
@@ -61,6 +65,7 @@ fn steps(spec: &JailSpec) -> Result<std::convert::Infallible, JailError> {
     }
     let cap_last = privileges::last_cap()?;
     let filters = seccomp::filters();
+    umask(Mode::from_bits_truncate(0o022));
 
     // Step 3.
     for procs in &spec.cgroup_procs {
@@ -117,6 +122,7 @@ fn steps(spec: &JailSpec) -> Result<std::convert::Infallible, JailError> {
     privileges::no_new_privs()?;
     privileges::die_with_parent()?;
     // Step 10.
+    umask(Mode::from_bits_truncate(0o077));
     seccomp::install(&filters)?;
     // Step 11.
     let env: [CString; 0] = [];

@@ -15,7 +15,7 @@ step() { echo "==> $*" >&2; }
 pkgs=(linux-source-6.1 qemu-system-x86 busybox-static erofs-utils e2fsprogs cpio bc flex bison
       libelf-dev libssl-dev xz-utils libc6-dev gcc make debootstrap file
       docker-registry skopeo umoci apache2-utils nftables conntrack iproute2 curl systemd
-      nginx openssl)
+      nginx openssl systemd-container)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -39,6 +39,8 @@ image=$(packaging/images/build-base.sh)
 step "python and node root filesystems (Debian bookworm; cached, 2-4 min each the first time)"
 python_rootfs=$(packaging/images/build-debian.sh python)
 node_rootfs=$(packaging/images/build-debian.sh node)
+step "Debian root with systemd for the package test (cached; 1-4 min the first time)"
+tests/fixtures/systemd-root.sh >/dev/null
 
 step "static guest agent"
 CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \

@@ -331,7 +331,13 @@ fn the_package_installs_upgrades_and_removes_in_a_fresh_debian_root() {
     let secret = std::fs::metadata(r.join("etc/moat/gateway.secret")).unwrap();
     assert_eq!(
         (secret.mode() & 0o777, secret.uid(), secret.len()),
-        (0o600, moat_uid, 64)
+        (0o600, moat_uid, 65)
+    );
+    // The format the gateway reads: 32 bytes as 64 hex digits and a newline.
+    let text = std::fs::read_to_string(r.join("etc/moat/gateway.secret")).unwrap();
+    assert!(
+        text.ends_with('\n') && text.trim_end().chars().all(|c| c.is_ascii_hexdigit()),
+        "{text:?}"
     );
     let run_moat = std::fs::metadata(r.join("run/moat")).unwrap();
     assert_eq!(run_moat.mode() & 0o777, 0o750);
