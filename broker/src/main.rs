@@ -25,8 +25,37 @@ use moat_proto::broker::broker_server::BrokerServer;
 use tokio::signal::unix::{signal, SignalKind};
 
 /// moat-broker: runs sandboxes as jailed microVMs for moat-gateway.
+/// What `--help` adds below the options: the man-page sections.
+const BROKER_MANUAL: &str = "\
+DESCRIPTION:
+  Runs as root (normally the systemd unit moat-broker.service). Serves typed
+  gRPC on `socket` to the one uid `gateway_uid` (checked with SO_PEERCRED),
+  and an operator socket (`admin_socket`, root only) for `moat sandbox`.
+  Each sandbox is a microVM in its own process jailed by moat-jailer (own
+  uid, cgroup, namespaces, seccomp). It re-validates every request.
+
+FILES:
+  /etc/moat/broker.toml   configuration; every key: docs/configuration.md
+  /var/lib/moat           state: sandbox records, VM directories, image store
+  /run/moat/broker.sock   the gateway's socket; admin.sock beside it
+  /usr/lib/moat           guest kernel, guest agent, base image
+
+SIGNALS:
+  SIGTERM, SIGINT  refuse new work, finish calls in flight within
+                   lifecycle.shutdown_grace_secs, then leave the VMs running
+                   for the next broker (or stop them with
+                   lifecycle.stop_sandboxes_on_shutdown = true)
+
+EXIT STATUS:
+  0 after a clean shutdown (or a passing --check); 1 when the config is
+  invalid (the message names the file, line or key, and the reason) or a
+  start-up step fails.
+
+SEE ALSO:
+  moat(1), moat-gateway(8); /usr/share/doc/moat/operations.md";
+
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, after_long_help = BROKER_MANUAL)]
 struct Args {
     /// Broker configuration file (TOML).
     #[arg(

@@ -10,11 +10,39 @@ use clap::Parser;
 use super::{Config, ConfigError};
 
 /// Command line of `moat-gateway`.
+/// What `--help` adds below the options: the man-page sections.
+const GATEWAY_MANUAL: &str = "\
+DESCRIPTION:
+  Runs unprivileged (normally the systemd unit moat-gateway.service, user
+  moat) behind a TLS reverse proxy. Serves JSON-RPC 2.0 at /api/v1/rpc, MCP
+  at /mcp and GET /api/v1/health; every request needs a Bearer API key
+  (moat server keygen) unless --dev. Holds no privilege: it can do only what
+  its keys allow, through the broker's socket.
+
+FILES:
+  /etc/moat/gateway.toml   configuration; every key: docs/configuration.md
+  /etc/moat/gateway.secret key-signing secret (32 bytes hex, mode 0600)
+  /etc/moat/revoked-keys   revoked key ids, re-read every few seconds
+  /run/moat/broker.sock    the broker
+
+SIGNALS:
+  SIGTERM, SIGINT  stop accepting connections and finish requests in flight
+                   within timeouts.shutdown_grace_secs
+
+EXIT STATUS:
+  0 after a clean shutdown; 1 when the config or the secret is invalid (the
+  message names the file, line or key, and the reason) or the listener
+  cannot be bound.
+
+SEE ALSO:
+  moat(1), moat-broker(8); /usr/share/doc/moat/gateway.md";
+
 #[derive(Debug, Clone, Default, Parser)]
 #[command(
     name = "moat-gateway",
     version,
-    about = "moat's internet-facing JSON-RPC/MCP server; reaches the broker over a Unix socket"
+    about = "moat's internet-facing JSON-RPC/MCP server; reaches the broker over a Unix socket",
+    after_long_help = GATEWAY_MANUAL
 )]
 pub struct Args {
     /// TOML config file (every field, with its default: docs/gateway.md).
