@@ -201,11 +201,30 @@ fn a_killed_vm_process_is_reported_and_cleaned() {
         message.contains("SIGKILL") && message.contains("stop the sandbox"),
         "{message}"
     );
+    // The operator's log says so, with the console's last lines; a stop
+    // the broker asked for is not reported.
+    let log = s.log_text();
+    let reported: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("VM ended without a stop request"))
+        .collect();
+    assert_eq!(reported.len(), 1, "{log}");
+    assert!(
+        reported[0].contains("SIGKILL") && reported[0].contains("moat-agent: "),
+        "{}",
+        reported[0]
+    );
     s.stop_sandbox("victim");
     s.assert_no_leftovers();
     s.start_sandbox("victim", json!({}));
     assert_eq!(s.first_line("victim", "echo", &["again"]), "again");
     s.stop_sandbox("victim");
+    assert_eq!(
+        s.log_text()
+            .matches("VM ended without a stop request")
+            .count(),
+        1
+    );
     s.assert_no_leftovers();
 }
 

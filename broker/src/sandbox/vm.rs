@@ -222,7 +222,8 @@ fn report_unexpected_exit(hostname: &str, exit: ExitWatch, console: ConsoleLog) 
             tracing::warn!(
                 sandbox = hostname,
                 %status,
-                console = %console.tail(CONSOLE_LINES_ON_EXIT),
+                // Debug-quoted: guest text never forms log lines of its own.
+                console = ?console.tail(CONSOLE_LINES_ON_EXIT),
                 "VM ended without a stop request"
             );
         }
