@@ -24,7 +24,6 @@ use moat_proto::broker::admin_server::AdminServer;
 use moat_proto::broker::broker_server::BrokerServer;
 use tokio::signal::unix::{signal, SignalKind};
 
-/// moat-broker: runs sandboxes as jailed microVMs for moat-gateway.
 /// What `--help` adds below the options: the man-page sections.
 const BROKER_MANUAL: &str = "\
 DESCRIPTION:
@@ -54,6 +53,7 @@ EXIT STATUS:
 SEE ALSO:
   moat(1), moat-gateway(8); /usr/share/doc/moat/operations.md";
 
+/// moat-broker: runs sandboxes as jailed microVMs for moat-gateway.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None, after_long_help = BROKER_MANUAL)]
 struct Args {

@@ -245,8 +245,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Preface<S> {
         match Pin::new(&mut self.stream).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if self.deadline.is_some() {
-                    let bytes = buf.filled()[before..].to_vec();
-                    self.observe(&bytes);
+                    self.observe(&buf.filled()[before..]);
                 }
                 Poll::Ready(Ok(()))
             }
@@ -304,32 +303,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Preface<S> {
 /// needs no privilege). Returns the soft limit in force afterwards; when it
 /// is still below `wanted`, accepting fails with `EMFILE` before
 /// `limits.max_connections` is reached, and the accept loop backs off.
-// `rlim_t` is `u64` on 64-bit Linux but not on every target: keep the casts.
-#[allow(clippy::unnecessary_cast)]
 pub fn ensure_open_files(wanted: u64) -> io::Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one `rlimit` through a valid, exclusive
-    // pointer to a live stack value.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(io::Error::last_os_error());
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+    if soft >= wanted || soft >= hard {
+        return Ok(soft);
     }
-    let wanted = wanted as libc::rlim_t;
-    if limit.rlim_cur >= wanted || limit.rlim_cur >= limit.rlim_max {
-        return Ok(limit.rlim_cur as u64);
-    }
-    let raised = libc::rlimit {
-        rlim_cur: wanted.min(limit.rlim_max),
-        rlim_max: limit.rlim_max,
-    };
-    // SAFETY: setrlimit reads one `rlimit` through a valid pointer to a
-    // live stack value.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(raised.rlim_cur as u64)
+    let raised = wanted.min(hard);
+    setrlimit(Resource::RLIMIT_NOFILE, raised, hard).map_err(io::Error::from)?;
+    Ok(raised)
 }
 
 #[cfg(test)]
@@ -403,6 +385,8 @@ mod tests {
         assert!(now > 0);
         assert_eq!(ensure_open_files(1).unwrap(), now);
         // Asking for more raises it, bounded by the hard limit.
-        assert!(ensure_open_files(now + 1).unwrap() >= now);
+        let (_, hard) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+        assert_eq!(ensure_open_files(now + 1).unwrap(), (now + 1).min(hard));
     }
 }

@@ -1,6 +1,6 @@
 //! PID 1: runs the boot sequence (mounts, root switch, hostname, loopback,
-//! workload cgroups, port discovery), forks the channel server, then reaps every process until
-//! the server exits, and powers the VM off. Any failure powers off too, after
+//! workload cgroups, port discovery), forks the channel server, then reaps
+//! every process until the server exits, and powers the VM off. Any failure powers off too, after
 //! a `FATAL:` line on the console explaining why.
 
 use std::env;

@@ -33,7 +33,7 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 
 use nix::mount::{mount, MsFlags};
 
-use crate::error::{Context, Result};
+use crate::error::{AgentError, Context, Result};
 use crate::log::log;
 
 /// Where PID 1 mounts the cgroup2 hierarchy.
@@ -108,6 +108,16 @@ fn open_control(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Creates `dir` unless it exists (a restarted server finds its groups).
+fn ensure_dir(dir: &Path) -> Result<()> {
+    match fs::create_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            Err(e).ctx(|| format!("create {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn write_file(path: &Path, value: &str) -> Result<()> {
     open_control(path)
         .and_then(|mut f| f.write_all(value.as_bytes()))
@@ -127,16 +137,12 @@ impl Layout {
         self.root.join(WORKLOAD)
     }
 
-    /// Creates the agent and workload groups with their limits.
-    pub fn prepare(&self, mem_total: u64, pids_max: u32) -> Result<()> {
+    /// Creates the agent and workload groups with their limits; returns
+    /// the workload's `memory.max`.
+    pub fn prepare(&self, mem_total: u64, pids_max: u32) -> Result<u64> {
         write_file(&self.root.join("cgroup.subtree_control"), CONTROLLERS)?;
-        for dir in [self.agent_dir(), self.workload_dir()] {
-            match fs::create_dir(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e).ctx(|| format!("create {}", dir.display())),
-            }
-        }
+        ensure_dir(&self.agent_dir())?;
+        ensure_dir(&self.workload_dir())?;
         let reserve = agent_reserve_bytes(mem_total);
         let agent = self.agent_dir();
         write_file(&agent.join("cpu.weight"), AGENT_CPU_WEIGHT)?;
@@ -146,7 +152,8 @@ impl Layout {
         write_file(&work.join("cpu.weight"), WORKLOAD_CPU_WEIGHT)?;
         write_file(&work.join("pids.max"), &pids_max.to_string())?;
         let memory_max = mem_total.saturating_sub(reserve).max(16 << 20);
-        write_file(&work.join("memory.max"), &memory_max.to_string())
+        write_file(&work.join("memory.max"), &memory_max.to_string())?;
+        Ok(memory_max)
     }
 
     /// Moves the calling process into the agent's group.
@@ -165,11 +172,7 @@ impl Layout {
             format!("{kind}-{}", NEXT_GROUP.fetch_add(1, Ordering::Relaxed))
         };
         let dir = self.workload_dir().join(name);
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e).ctx(|| format!("create {}", dir.display())),
-        }
+        ensure_dir(&dir)?;
         let open = |file: &str| {
             let path = dir.join(file);
             open_control(&path).ctx(|| format!("open {}", path.display()))
@@ -209,16 +212,17 @@ pub fn set_up() {
         )
         .ctx(|| format!("mount cgroup2 at {MOUNT_POINT}"))?;
         let meminfo = fs::read_to_string("/proc/meminfo").ctx(|| "read /proc/meminfo")?;
-        let mem_total = mem_total_bytes(&meminfo).unwrap_or(0);
+        let mem_total = mem_total_bytes(&meminfo)
+            .ok_or_else(|| AgentError::Config("no MemTotal in /proc/meminfo".into()))?;
         let layout = Layout::new(MOUNT_POINT);
-        layout.prepare(mem_total, pids_max)?;
-        Ok::<_, crate::error::AgentError>((layout, mem_total))
+        let memory_max = layout.prepare(mem_total, pids_max)?;
+        Ok::<_, AgentError>((layout, memory_max, mem_total))
     })();
     match prepared {
-        Ok((layout, mem_total)) => {
+        Ok((layout, memory_max, mem_total)) => {
             log!(
                 "workload cgroup: pids.max {pids_max}, memory.max {} MiB of {} MiB",
-                mem_total.saturating_sub(agent_reserve_bytes(mem_total)) >> 20,
+                memory_max >> 20,
                 mem_total >> 20
             );
             let _ = ACTIVE.set(layout);

@@ -43,8 +43,44 @@ fn host(cmd: &mut Command) -> String {
 struct Container {
     root: tempfile::TempDir,
     nspawn: Child,
+    /// The container's PID 1 (systemd), as the host sees it.
+    leader: u32,
     log: PathBuf,
     cgroup_parent: String,
+}
+
+/// The pid of the process named `systemd` below `ancestor`, if it runs yet.
+fn systemd_below(ancestor: u32) -> Option<u32> {
+    let mut parents = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let Some(Ok(ppid)) = stat[close + 2..].split(' ').nth(1).map(str::parse::<u32>) else {
+            continue;
+        };
+        parents.insert(pid, (ppid, stat[open + 1..close].to_string()));
+    }
+    let descends = |mut p: u32| {
+        while let Some((pp, _)) = parents.get(&p) {
+            if *pp == ancestor {
+                return true;
+            }
+            p = *pp;
+        }
+        false
+    };
+    parents
+        .iter()
+        .find(|(pid, (_, comm))| comm == "systemd" && descends(**pid))
+        .map(|(pid, _)| *pid)
 }
 
 impl Container {
@@ -58,6 +94,7 @@ impl Container {
                 .arg(root.path()),
         );
         let log = std::env::temp_dir().join(format!("moat-nspawn-{}.log", std::process::id()));
+        let console = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new("systemd-nspawn");
         cmd.arg("-D")
             .arg(root.path())
@@ -74,100 +111,67 @@ impl Container {
         }
         let nspawn = cmd
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .stdout(console.try_clone().unwrap())
+            .stderr(console)
             .spawn()
             .expect("systemd-nspawn (make setup installs systemd-container)");
-        let c = Container {
+        let mut c = Container {
             root,
             nspawn,
+            leader: 0,
             log,
             cgroup_parent: cgroup_parent.to_string(),
         };
         let start = Instant::now();
-        loop {
-            if let Some(state) = c.try_exec("systemctl is-system-running") {
-                if state == "running" || state == "degraded" {
-                    break;
-                }
-            }
+        let booted = |c: &Container| {
+            c.leader != 0
+                && matches!(
+                    c.run("systemctl is-system-running").0.as_str(),
+                    "running" | "degraded"
+                )
+        };
+        while !booted(&c) {
             assert!(
                 start.elapsed() < Duration::from_secs(120),
                 "the container did not finish booting: {}",
-                c.console()
+                moat_e2e::strip_ansi(&std::fs::read_to_string(&c.log).unwrap_or_default())
             );
             std::thread::sleep(Duration::from_millis(500));
+            if c.leader == 0 {
+                c.leader = systemd_below(c.nspawn.id()).unwrap_or(0);
+            }
         }
         c
     }
 
-    fn console(&self) -> String {
-        crate::strip(&std::fs::read_to_string(&self.log).unwrap_or_default())
-    }
-
-    /// The container's PID 1 (systemd), a descendant of systemd-nspawn.
-    fn leader(&self) -> Option<u32> {
-        let mut parents = std::collections::HashMap::new();
-        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
-            let Some(close) = stat.rfind(')') else {
-                continue;
-            };
-            let comm = &stat[stat.find('(')? + 1..close];
-            let ppid: u32 = stat[close + 2..].split(' ').nth(1)?.parse().ok()?;
-            parents.insert(pid, (ppid, comm.to_string()));
-        }
-        parents.iter().find_map(|(pid, (_, comm))| {
-            if comm != "systemd" {
-                return None;
-            }
-            let mut p = *pid;
-            while let Some((pp, _)) = parents.get(&p) {
-                if *pp == self.nspawn.id() {
-                    return Some(*pid);
-                }
-                p = *pp;
-            }
-            None
-        })
-    }
-
-    fn try_exec(&self, script: &str) -> Option<String> {
-        let leader = self.leader()?;
+    /// Runs `script` with `sh -c` inside the container: (stdout, success,
+    /// stderr).
+    fn run(&self, script: &str) -> (String, bool, String) {
         let out = Command::new("nsenter")
-            .args(["-t", &leader.to_string(), "-a", "sh", "-c", script])
+            .args(["-t", &self.leader.to_string(), "-a", "sh", "-c", script])
             .output()
-            .ok()?;
-        // Its output whatever the status (`is-system-running` exits 1
-        // while starting).
-        Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    }
-
-    /// Runs `script` with `sh -c` inside the container; must succeed.
-    fn exec(&self, script: &str) -> String {
-        let leader = self.leader().expect("the container's systemd");
-        let out = Command::new("nsenter")
-            .args(["-t", &leader.to_string(), "-a", "sh", "-c", script])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        assert!(
+            .expect("nsenter");
+        (
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
             out.status.success(),
-            "in the container: {script}\n{text}\n{}\njournal:\n{}",
-            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Runs `script` inside the container; it must succeed. Its stdout.
+    fn exec(&self, script: &str) -> String {
+        let (text, ok, stderr) = self.run(script);
+        assert!(
+            ok,
+            "in the container: {script}\n{text}\n{stderr}\njournal:\n{}",
             self.journal()
         );
         text
     }
 
     fn journal(&self) -> String {
-        self.try_exec("journalctl -u moat-broker -u moat-gateway --no-pager | tail -40")
-            .unwrap_or_default()
+        self.run("journalctl -u moat-broker -u moat-gateway --no-pager | tail -40")
+            .0
     }
 
     fn path(&self, p: &str) -> PathBuf {
@@ -197,7 +201,9 @@ impl Container {
 
 impl Drop for Container {
     fn drop(&mut self) {
-        let _ = self.try_exec("systemctl poweroff");
+        if self.leader != 0 {
+            let _ = self.run("systemctl poweroff");
+        }
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(30) {
             if matches!(self.nspawn.try_wait(), Ok(Some(_))) {
@@ -223,23 +229,6 @@ impl Drop for Container {
         }
         let _ = std::fs::remove_file(&self.log);
     }
-}
-
-fn strip(text: &str) -> String {
-    let mut out = String::new();
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for n in chars.by_ref() {
-                if n.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[test]

@@ -483,8 +483,9 @@ impl Sandboxes {
 
     /// Takes over what an earlier broker left, before serving: every stored
     /// definition (checked again against this config) and every VM that can
-    /// be re-adopted. VMs that cannot are killed and released, interrupted
-    /// starts are undone, and each is logged. Returns the slots now in use.
+    /// be re-adopted. What cannot is left to the sweep that follows (which
+    /// kills and releases what no re-adopted VM uses); each case is logged.
+    /// Returns the slots now in use.
     pub async fn recover(&self, records: Vec<SandboxRecord>) -> Vec<u32> {
         use futures_util::StreamExt;
         futures_util::stream::iter(records)
@@ -497,66 +498,63 @@ impl Sandboxes {
 
     /// Takes over one record; returns the slot of a re-adopted VM.
     async fn recover_one(&self, mut record: SandboxRecord) -> Option<u32> {
-        let mut adopted_slot = None;
-        {
-            let key = SandboxKey {
-                namespace: record.namespace.clone(),
-                name: record.name.clone(),
-            };
-            let spec = record
-                .config
-                .as_ref()
-                .map(|c| self.checked_spec(c, &key.namespace));
-            let spec = match spec {
-                Some(Ok(s)) => s,
-                Some(Err(e)) => {
-                    tracing::error!(sandbox = %key, error = %e, "stored definition is not valid under this config: forgotten (a VM it had is stopped)");
-                    let _ = self.ctx.state.remove(&key.namespace, &key.name);
-                    return None;
-                }
-                None => return None,
-            };
-            let vm = match record.vm.clone() {
-                Some(v) if v.phase == moat_proto::state::vm_record::Phase::Running as i32 => {
-                    match vm::adopt(&self.ctx, &key.namespace, &key.name, spec.clone(), &v).await {
-                        Ok(vm) => {
-                            tracing::info!(sandbox = %key, pid = v.pid, slot = v.slot, "re-adopted a running sandbox");
-                            adopted_slot = Some(v.slot);
-                            Some(vm)
-                        }
-                        Err(why) => {
-                            tracing::warn!(sandbox = %key, slot = v.slot, %why, "cannot re-adopt its VM: stopped and cleaned");
-                            None
-                        }
+        let key = SandboxKey {
+            namespace: record.namespace.clone(),
+            name: record.name.clone(),
+        };
+        let spec = record
+            .config
+            .as_ref()
+            .map(|c| self.checked_spec(c, &key.namespace));
+        let spec = match spec {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                tracing::error!(sandbox = %key, error = %e, "stored definition is not valid under this config: forgotten (a VM it had is stopped)");
+                let _ = self.ctx.state.remove(&key.namespace, &key.name);
+                return None;
+            }
+            None => return None,
+        };
+        let vm = match record.vm.clone() {
+            Some(v) if v.phase == moat_proto::state::vm_record::Phase::Running as i32 => {
+                match vm::adopt(&self.ctx, &key.namespace, &key.name, spec.clone(), &v).await {
+                    Ok(vm) => {
+                        tracing::info!(sandbox = %key, pid = v.pid, slot = v.slot, "re-adopted a running sandbox");
+                        Some(vm)
+                    }
+                    Err(why) => {
+                        tracing::warn!(sandbox = %key, slot = v.slot, %why, "cannot re-adopt its VM: the sweep stops and cleans what it left");
+                        None
                     }
                 }
-                Some(v) if v.phase == moat_proto::state::vm_record::Phase::Stopping as i32 => {
-                    tracing::warn!(sandbox = %key, slot = v.slot, "its stop was interrupted by a broker exit: finished");
-                    None
-                }
-                Some(v) => {
-                    tracing::warn!(sandbox = %key, slot = v.slot, "its start was interrupted by a broker exit: cleaned");
-                    None
-                }
-                None => None,
-            };
-            if vm.is_none() && record.vm.is_some() {
-                record.vm = None;
-                record.stopped_at_ms = crate::state::now_ms();
-                if let Err(e) = self.ctx.state.save(&record) {
-                    tracing::error!(sandbox = %key, error = %e, "cannot record that its VM is gone");
-                }
             }
-            self.dependencies
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key.clone(), spec.depends_on.clone());
-            let entry = self.entry(&key);
-            let mut e = entry.lock().await;
-            e.definition = Some(spec);
-            e.record = Some(record);
-            e.vm = vm;
+            Some(v) if v.phase == moat_proto::state::vm_record::Phase::Stopping as i32 => {
+                tracing::warn!(sandbox = %key, slot = v.slot, "its stop was interrupted by a broker exit: finished");
+                None
+            }
+            Some(v) => {
+                tracing::warn!(sandbox = %key, slot = v.slot, "its start was interrupted by a broker exit: cleaned");
+                None
+            }
+            None => None,
+        };
+        let adopted_slot = vm.as_ref().and(record.vm.as_ref()).map(|v| v.slot);
+        if vm.is_none() && record.vm.is_some() {
+            record.vm = None;
+            record.stopped_at_ms = crate::state::now_ms();
+            if let Err(e) = self.ctx.state.save(&record) {
+                tracing::error!(sandbox = %key, error = %e, "cannot record that its VM is gone");
+            }
         }
+        self.dependencies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), spec.depends_on.clone());
+        let entry = self.entry(&key);
+        let mut e = entry.lock().await;
+        e.definition = Some(spec);
+        e.record = Some(record);
+        e.vm = vm;
         adopted_slot
     }
 
@@ -581,27 +579,29 @@ impl Sandboxes {
             let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         };
-        let failed = Arc::new(AtomicBool::new(false));
+        // Each stop says whether it failed (a panicked one did).
         let stops = entries.into_iter().map(|(key, entry)| {
             let ctx = self.ctx.clone();
-            let failed = failed.clone();
             async move {
                 let mut e = entry.lock().await;
                 if e.vm.is_none() {
-                    return;
+                    return false;
                 }
                 let reason = "the broker shut down (lifecycle.stop_sandboxes_on_shutdown)";
                 match stop_entry(&ctx, &key, &mut e, Some(reason.into())).await {
-                    Ok(()) => tracing::info!(sandbox = %key, "stopped at shutdown"),
+                    Ok(()) => {
+                        tracing::info!(sandbox = %key, "stopped at shutdown");
+                        false
+                    }
                     Err(err) => {
-                        failed.store(true, Ordering::SeqCst);
                         tracing::error!(sandbox = %key, error = %err, "stop at shutdown");
+                        true
                     }
                 }
             }
         });
-        futures_join_all(stops).await;
-        if failed.load(Ordering::SeqCst) {
+        let outcomes = spawn_join_all(stops).await;
+        if outcomes.iter().any(|failed| !matches!(failed, Ok(false))) {
             // A VM that did not stop may still have a tap: keep it filtered.
             tracing::error!("a sandbox did not stop: the firewall table and forwarding stay");
         } else {
@@ -621,9 +621,9 @@ async fn stop_entry(
     e: &mut Entry,
     reason: Option<String>,
 ) -> Result<(), BrokerError> {
-    if e.vm.is_none() {
+    let Some(vm) = e.vm.take() else {
         return Err(not_running(key));
-    }
+    };
     if let Some(record) = e.record.clone() {
         let mut journal = Journal::new(ctx.state.clone(), record);
         let stopping = journal
@@ -638,7 +638,6 @@ async fn stop_entry(
         }
         e.record = Some(journal.into_record());
     }
-    let vm = e.vm.take().ok_or_else(|| not_running(key))?;
     let grace = Duration::from_secs(u64::from(ctx.config.limits.stop_timeout_secs));
     vm.stop(ctx, grace).await?;
     record_stopped(ctx, e, reason).await;
@@ -667,14 +666,17 @@ async fn record_stopped(ctx: &LaunchContext, e: &mut Entry, reason: Option<Strin
     e.record = Some(journal.into_record());
 }
 
-/// Runs futures concurrently to completion (without pulling in `futures`).
-async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
+/// Runs futures concurrently, each on its own task (so each finishes even
+/// if the caller is dropped); their outputs (`Err` for one that panicked).
+async fn spawn_join_all<T: Send + 'static, F: std::future::Future<Output = T> + Send + 'static>(
     futs: impl Iterator<Item = F>,
-) {
+) -> Vec<Result<T, tokio::task::JoinError>> {
     let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
     for h in handles {
-        let _ = h.await;
+        out.push(h.await);
     }
+    out
 }
 
 fn not_defined(key: &SandboxKey) -> BrokerError {

@@ -848,12 +848,27 @@ pub async fn adopt(
     rec: &VmRecord,
 ) -> Result<RunningVm, String> {
     let limits = &ctx.config.limits;
+    // The process is identified before the slot is taken: records are
+    // adopted concurrently, and a stale record (its process gone) must fail
+    // without holding the slot a live record of the same slot needs.
+    let identity = ProcessIdentity {
+        pid: rec.pid,
+        start_ticks: rec.pid_start_ticks,
+    };
+    let pidfd = identity.open()?;
+    let cgroup = ctx
+        .cgroups
+        .existing(&format!("vm-{}", rec.slot))
+        .ok_or("its cgroup is gone")?;
+    if !i32::try_from(rec.pid).is_ok_and(|p| cgroup.pids().contains(&p)) {
+        return Err(format!("process {} is not in its cgroup", rec.pid));
+    }
     let slot = ctx
         .slots
         .claim(rec.slot)
         .ok_or_else(|| format!("slot {} is out of range or taken twice", rec.slot))?;
     let dir = ctx.vms_dir().join(slot.index.to_string());
-    let cgroup = ctx.cgroups.existing(&format!("vm-{}", slot.index));
+    let cgroup = Some(cgroup);
     let namespace_permit = ctx.namespaces.try_take(namespace);
     let permit = ctx.running.clone().try_acquire_owned().ok();
     let (Some(namespace_permit), Some(permit)) = (namespace_permit, permit) else {
@@ -876,15 +891,6 @@ pub async fn adopt(
                 "it runs as {}:{}, its definition says {}:{}",
                 rec.uid, rec.gid, expected.0, expected.1
             ));
-        }
-        let cgroup = res.cgroup.as_ref().ok_or("its cgroup is gone")?;
-        let identity = ProcessIdentity {
-            pid: rec.pid,
-            start_ticks: rec.pid_start_ticks,
-        };
-        let pidfd = identity.open()?;
-        if !i32::try_from(rec.pid).is_ok_and(|p| cgroup.pids().contains(&p)) {
-            return Err(format!("process {} is not in its cgroup", rec.pid));
         }
         let exit = process::watch_exit(
             pidfd,

@@ -9,7 +9,6 @@ use clap::Parser;
 
 use super::{Config, ConfigError};
 
-/// Command line of `moat-gateway`.
 /// What `--help` adds below the options: the man-page sections.
 const GATEWAY_MANUAL: &str = "\
 DESCRIPTION:
@@ -37,6 +36,7 @@ EXIT STATUS:
 SEE ALSO:
   moat(1), moat-broker(8); /usr/share/doc/moat/gateway.md";
 
+/// Command line of `moat-gateway`.
 #[derive(Debug, Clone, Default, Parser)]
 #[command(
     name = "moat-gateway",

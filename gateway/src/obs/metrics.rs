@@ -166,45 +166,47 @@ impl Metrics {
         for (code, n) in &inner.errors {
             let _ = writeln!(out, "moat_gateway_errors_total{{code=\"{code}\"}} {n}");
         }
-        let _ = writeln!(out, "# HELP moat_gateway_mcp_sessions MCP sessions alive.");
-        let _ = writeln!(out, "# TYPE moat_gateway_mcp_sessions gauge");
-        let _ = writeln!(out, "moat_gateway_mcp_sessions {sessions}");
-        let _ = writeln!(
-            out,
-            "# HELP moat_gateway_broker_calls_in_flight Broker calls in flight (all keys)."
+        gauge(
+            &mut out,
+            "moat_gateway_mcp_sessions",
+            "MCP sessions alive.",
+            sessions,
         );
-        let _ = writeln!(out, "# TYPE moat_gateway_broker_calls_in_flight gauge");
-        let _ = writeln!(
-            out,
-            "moat_gateway_broker_calls_in_flight {}",
-            broker_calls.0
+        gauge(
+            &mut out,
+            "moat_gateway_broker_calls_in_flight",
+            "Broker calls in flight (all keys).",
+            broker_calls.0,
         );
-        let _ = writeln!(
-            out,
-            "# HELP moat_gateway_broker_calls_max The bound on broker calls in flight (limits.max_broker_calls)."
+        gauge(
+            &mut out,
+            "moat_gateway_broker_calls_max",
+            "The bound on broker calls in flight (limits.max_broker_calls).",
+            broker_calls.1,
         );
-        let _ = writeln!(out, "# TYPE moat_gateway_broker_calls_max gauge");
-        let _ = writeln!(out, "moat_gateway_broker_calls_max {}", broker_calls.1);
-        let _ = writeln!(
-            out,
-            "# HELP moat_gateway_broker_up Whether the broker answered the scrape's health check."
-        );
-        let _ = writeln!(out, "# TYPE moat_gateway_broker_up gauge");
-        let _ = writeln!(
-            out,
-            "moat_gateway_broker_up {}",
-            u8::from(running.is_some())
+        gauge(
+            &mut out,
+            "moat_gateway_broker_up",
+            "Whether the broker answered the scrape's health check.",
+            u8::from(running.is_some()),
         );
         if let Some(running) = running {
-            let _ = writeln!(
-                out,
-                "# HELP moat_sandboxes_running Sandboxes running, as the broker counts them."
+            gauge(
+                &mut out,
+                "moat_sandboxes_running",
+                "Sandboxes running, as the broker counts them.",
+                running,
             );
-            let _ = writeln!(out, "# TYPE moat_sandboxes_running gauge");
-            let _ = writeln!(out, "moat_sandboxes_running {running}");
         }
         out
     }
+}
+
+/// One gauge: its HELP and TYPE lines and its value.
+fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} gauge");
+    let _ = writeln!(out, "{name} {value}");
 }
 
 fn histograms<'a>(

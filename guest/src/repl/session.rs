@@ -56,6 +56,15 @@ pub struct Session {
     group: Option<Group>,
 }
 
+/// SIGKILL to the interpreter's process group, and to its workload group
+/// (which also holds what left the process group).
+fn kill_tree(pgid: Pid, group: Option<&Group>) {
+    let _ = killpg(pgid, Signal::SIGKILL);
+    if let Some(g) = group {
+        g.kill();
+    }
+}
+
 /// "exit status 3", "killed by SIGKILL".
 pub fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
@@ -111,10 +120,7 @@ impl Session {
         let pipes = match pipes {
             Ok(pipes) => pipes,
             Err(e) => {
-                let _ = killpg(pid, Signal::SIGKILL);
-                if let Some(g) = &group {
-                    g.kill();
-                }
+                kill_tree(pid, group.as_ref());
                 let _ = child.wait();
                 return Err(AgentError::Unavailable(format!(
                     "cannot start the {name} interpreter {shown}: {e}"
@@ -217,13 +223,8 @@ impl Session {
         }
     }
 
-    /// SIGKILL to the process group, and to the workload group (which also
-    /// holds what left the process group).
     fn kill_group(&self) {
-        let _ = killpg(self.pid, Signal::SIGKILL);
-        if let Some(g) = &self.group {
-            g.kill();
-        }
+        kill_tree(self.pid, self.group.as_ref());
     }
 
     /// Sends SIGINT to the interpreter's process group.

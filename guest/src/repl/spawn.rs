@@ -1,6 +1,6 @@
 //! Starting an interpreter: finding it in the request's PATH, and spawning it
-//! in its own process group and workload group with stdin `/dev/null`, stdout/stderr piped, and
-//! the three control pipes on fds 3, 4 and 5.
+//! in its own process group and workload group with stdin `/dev/null`,
+//! stdout/stderr piped, and the three control pipes on fds 3, 4 and 5.
 
 use std::ffi::OsStr;
 use std::fs::File;

@@ -9,7 +9,7 @@ fn prepare_gives_the_agent_priority_and_bounds_the_workload() {
     let root = tempfile::tempdir().unwrap();
     let layout = Layout::new(root.path());
     let ram = 512u64 << 20;
-    layout.prepare(ram, 1234).unwrap();
+    assert_eq!(layout.prepare(ram, 1234).unwrap(), (512u64 - 32) << 20);
     assert_eq!(
         read(&root.path().join("cgroup.subtree_control")),
         CONTROLLERS
