@@ -112,8 +112,17 @@ fn a_fork_bomb_stays_in_its_guest_and_is_stopped_by_the_timeout() {
     s.start_sandbox("bystander", json!({}));
     let host_processes = s.sandbox_processes().len();
     std::thread::scope(|scope| {
-        let bomb =
-            scope.spawn(|| run_for(&s, "bomb", "sh", &["-c", "b() { b & b & wait; }; b"], 20));
+        // Bombed again whenever it dies out: at the pid limit a plain bomb
+        // can collapse on its own, and this one must last to its timeout.
+        let bomb = scope.spawn(|| {
+            run_for(
+                &s,
+                "bomb",
+                "sh",
+                &["-c", "b() { b & b & wait; }; while :; do b; done"],
+                20,
+            )
+        });
         std::thread::sleep(Duration::from_secs(8));
         // The bomb's processes are guest processes: on the host, its
         // sandbox is still one VM process (and the jailer waiting on it).
