@@ -481,6 +481,47 @@ fn a_hung_agent_fails_calls_within_their_timeout_and_stop_still_works() {
     s.assert_no_leftovers();
 }
 
+#[test]
+fn a_killed_agent_fails_calls_clearly_and_stop_still_works() {
+    let s = Server::start();
+    s.start_sandbox("headless", json!({}));
+    // Root in the guest kills the agent's server process (the one in the
+    // `moat-agent` cgroup); the call that does it loses its answer.
+    let kill = json!({"sandbox": "headless", "namespace": "default", "command": "sh",
+        "args": ["-c", "kill -9 $(cat /sys/fs/cgroup/moat-agent/cgroup.procs)"], "timeout": 5});
+    let t = Instant::now();
+    let (code, msg) = s.err("sandbox.command.run", kill);
+    assert_eq!(code, -32603, "{msg}");
+    println!("the killing call failed after {:?}: {msg}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(25), "{:?}", t.elapsed());
+    // PID 1 powers the VM off when its server dies: later calls say the VM
+    // ended and what to do, at once.
+    wait_for("metrics show it stopped", Duration::from_secs(10), || {
+        metrics_of(&s, "headless")["running"] == false
+    });
+    let t = Instant::now();
+    let (code, msg) = s.err(
+        "sandbox.command.run",
+        json!({"sandbox": "headless", "namespace": "default", "command": "true", "timeout": 1}),
+    );
+    assert_eq!(code, -32603, "{msg}");
+    assert!(msg.contains("stop the sandbox"), "{msg}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // The operator's log names the cause from the guest's console.
+    let log = s.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("VM ended without a stop request")
+            && l.contains("agent server killed by SIGKILL")),
+        "{log}"
+    );
+    s.stop_sandbox("headless");
+    s.assert_no_leftovers();
+    s.start_sandbox("headless", json!({}));
+    assert_eq!(s.first_line("headless", "echo", &["back"]), "back");
+    s.stop_sandbox("headless");
+    s.assert_no_leftovers();
+}
+
 /// Open fds and resident memory (KiB) of a process.
 fn fds_and_rss(pid: i32) -> (usize, u64) {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
