@@ -84,14 +84,14 @@ SYSCONFDIR ?= /etc
 DESTDIR ?=
 install:
 	@for f in target/release/moat target/release/moat-broker target/release/moat-gateway \
-	  target/release/moat-jailer build/vmlinux build/moat-agent build/base.erofs; do \
+	  target/release/moat-jailer target/release/moat-vmm build/vmlinux build/moat-agent build/base.erofs; do \
 	  [ -f $$f ] || { echo "install: $$f is missing: run make setup first" >&2; exit 1; }; done
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/moat/images \
 	  $(DESTDIR)$(PREFIX)/lib/systemd/system $(DESTDIR)$(PREFIX)/lib/sysusers.d \
 	  $(DESTDIR)$(PREFIX)/lib/tmpfiles.d $(DESTDIR)$(PREFIX)/share/doc/moat/examples \
 	  $(DESTDIR)$(SYSCONFDIR)/moat
 	install -m 0755 target/release/moat target/release/moat-broker \
-	  target/release/moat-gateway target/release/moat-jailer $(DESTDIR)$(PREFIX)/bin/
+	  target/release/moat-gateway target/release/moat-jailer target/release/moat-vmm $(DESTDIR)$(PREFIX)/bin/
 	install -m 0644 build/vmlinux $(DESTDIR)$(PREFIX)/lib/moat/vmlinux
 	install -m 0755 build/moat-agent $(DESTDIR)$(PREFIX)/lib/moat/moat-agent
 	install -m 0644 build/base.erofs $(DESTDIR)$(PREFIX)/lib/moat/images/base.erofs

@@ -56,21 +56,38 @@ impl AgentClient {
         max_frame: usize,
         deadline: Instant,
     ) -> Result<(Self, HelloReply), AgentError> {
-        let stream = loop {
-            match crate::vm_socket::connect_owned(socket, uid).await {
-                Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(AgentError::Closed(format!(
-                        "cannot connect to {}: {e}",
-                        socket.display()
-                    )))
+        // QEMU's socket exists from the start and holds what we write until
+        // the guest opens its port. libkrun's appears once the guest's vsock
+        // driver is up, and a connection made before the agent listens is
+        // closed at once: then we connect again, until the deadline.
+        loop {
+            let stream = loop {
+                match crate::vm_socket::connect_owned(socket, uid).await {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() >= deadline => {
+                        return Err(AgentError::Closed(format!(
+                            "cannot connect to {}: {e}",
+                            socket.display()
+                        )))
+                    }
+                    Err(_) => sleep(Duration::from_millis(20)).await,
                 }
-                Err(_) => sleep(Duration::from_millis(20)).await,
+            };
+            let client = Self::from_stream(stream, max_frame);
+            match Self::hello(&client, deadline).await {
+                Ok(reply) => return Ok((client, reply)),
+                Err(AgentError::Closed(_)) if Instant::now() < deadline => {
+                    sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
             }
-        };
-        let client = Self::from_stream(stream, max_frame);
-        // The guest may not have opened its port yet; QEMU holds what we
-        // write until it does, but re-asking covers VMMs that drop it.
+        }
+    }
+
+    /// Says hello until the agent answers or `deadline`; the guest may not
+    /// have opened its port yet, and re-asking covers VMMs that drop what
+    /// was written before.
+    async fn hello(client: &Self, deadline: Instant) -> Result<HelloReply, AgentError> {
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -92,7 +109,7 @@ impl AgentClient {
                             moat_proto::agent::PROTOCOL_VERSION
                         )));
                     }
-                    return Ok((client, reply));
+                    return Ok(reply);
                 }
                 Ok(other) => return Err(unexpected(&other)),
                 Err(AgentError::Timeout(_)) => continue,
@@ -280,6 +297,54 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn connect_retries_a_socket_that_closes_before_the_agent_listens() {
+        // libkrun's vsock socket: connections made before the guest's agent
+        // listens are closed at once; the broker connects again.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let uid = nix::unistd::getuid().as_raw();
+        std::thread::spawn(move || {
+            for _ in 0..2 {
+                drop(listener.accept().unwrap());
+            }
+            let (ready, _) = listener.accept().unwrap();
+            guest(ready, |m| {
+                let reply = GuestMessage {
+                    id: m.id,
+                    body: Some(guest_message::Body::Hello(HelloReply {
+                        protocol_version: 1,
+                        agent_version: "third time".into(),
+                        kernel_release: String::new(),
+                    })),
+                };
+                Some(frame::encode(&reply, 1 << 20).unwrap())
+            });
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (_client, hello) = AgentClient::connect(&path, uid, 1 << 20, deadline)
+            .await
+            .unwrap();
+        assert_eq!(hello.agent_version, "third time");
+
+        // A socket that never answers ends at the deadline, not before.
+        let path = dir.path().join("closing.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || loop {
+            drop(listener.accept().unwrap());
+        });
+        let started = Instant::now();
+        let err = AgentClient::connect(&path, uid, 1 << 20, started + Duration::from_millis(500))
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() >= Duration::from_millis(500), "{err}");
+        assert!(
+            matches!(err, AgentError::Closed(_) | AgentError::Timeout(_)),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -261,11 +261,16 @@ impl ImagesConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VmmConfig {
-    /// `auto` (KVM when the host has hardware virtualisation, else TCG),
-    /// `kvm` or `tcg`.
+    /// `auto` (libkrun where /dev/kvm is hardware KVM, else QEMU),
+    /// `libkrun` or `qemu`.
+    pub backend: String,
+    /// QEMU's accelerator: `auto` (KVM when the host has hardware
+    /// virtualisation, else TCG), `kvm` or `tcg`.
     pub accel: String,
     /// The QEMU binary.
     pub qemu: PathBuf,
+    /// The libkrun runner `moat-vmm`; default: next to `moat-broker`.
+    pub runner: Option<PathBuf>,
 }
 
 /// Limits on what a request may ask for, and bounds on how long things take.
@@ -402,8 +407,10 @@ impl Default for ImagesConfig {
 impl Default for VmmConfig {
     fn default() -> Self {
         Self {
+            backend: "auto".into(),
             accel: "auto".into(),
             qemu: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+            runner: None,
         }
     }
 }
@@ -720,6 +727,23 @@ impl BrokerConfig {
         if ids.contains(&self.gateway_uid) {
             return bad("gateway_uid lies inside the sandbox_ids range".into());
         }
+        if !matches!(self.vmm.backend.as_str(), "auto" | "libkrun" | "qemu") {
+            return bad(format!(
+                "vmm.backend {:?}: use \"auto\", \"libkrun\" or \"qemu\"",
+                self.vmm.backend
+            ));
+        }
+        if let Some(runner) = &self.vmm.runner {
+            if !runner.is_absolute()
+                || runner
+                    .components()
+                    .any(|c| c == std::path::Component::ParentDir)
+            {
+                return bad(format!(
+                    "vmm.runner {runner:?} must be an absolute path without '..'"
+                ));
+            }
+        }
         if !matches!(self.vmm.accel.as_str(), "auto" | "kvm" | "tcg") {
             return bad(format!(
                 "vmm.accel {:?}: use \"auto\", \"kvm\" or \"tcg\"",
@@ -996,6 +1020,17 @@ mod tests {
         let mut c = valid();
         c.vmm.accel = "hvf".into();
         assert!(c.validate().unwrap_err().to_string().contains("accel"));
+
+        let mut c = valid();
+        c.vmm.backend = "firecracker".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("vmm.backend") && err.contains("libkrun"),
+            "{err}"
+        );
+        let mut c = valid();
+        c.vmm.runner = Some("moat-vmm".into());
+        assert!(c.validate().unwrap_err().to_string().contains("vmm.runner"));
 
         let mut c = valid();
         c.limits.max_output_bytes = u64::from(c.limits.max_agent_frame_bytes);

@@ -18,7 +18,7 @@ use moat_broker::jail::JailMode;
 use moat_broker::sandbox::{LaunchContext, Sandboxes};
 use moat_broker::service::{AdminService, BrokerService};
 use moat_broker::slots::SlotAllocator;
-use moat_broker::vmm::{detect_accel, Qemu, Vmm};
+use moat_broker::vmm::{choose_backend, detect_accel, Backend, Libkrun, Qemu, Vmm};
 use moat_broker::{initramfs, server};
 use moat_proto::broker::admin_server::AdminServer;
 use moat_proto::broker::broker_server::BrokerServer;
@@ -31,13 +31,18 @@ DESCRIPTION:
   gRPC on `socket` to the one uid `gateway_uid` (checked with SO_PEERCRED),
   and an operator socket (`admin_socket`, root only) for `moat sandbox`.
   Each sandbox is a microVM in its own process jailed by moat-jailer (own
-  uid, cgroup, namespaces, seccomp). It re-validates every request.
+  uid, cgroup, namespaces, seccomp): the libkrun runner moat-vmm where
+  /dev/kvm is hardware KVM, QEMU microvm elsewhere ([vmm] backend; the
+  choice and its reason are logged at start). It re-validates every
+  request.
 
 FILES:
   /etc/moat/broker.toml   configuration; every key: docs/configuration.md
   /var/lib/moat           state: sandbox records, VM directories, image store
   /run/moat/broker.sock   the gateway's socket; admin.sock beside it
   /usr/lib/moat           guest kernel, guest agent, base image
+  /usr/bin/moat-jailer    confines each VM process
+  /usr/bin/moat-vmm       the libkrun runner (one VM per process)
 
 SIGNALS:
   SIGTERM, SIGINT  refuse new work, finish calls in flight within
@@ -47,8 +52,9 @@ SIGNALS:
 
 EXIT STATUS:
   0 after a clean shutdown (or a passing --check); 1 when the config is
-  invalid (the message names the file, line or key, and the reason) or a
-  start-up step fails.
+  invalid (the message names the file, line or key, and the reason), when
+  [vmm] backend names a backend this host cannot run, or a start-up step
+  fails.
 
 SEE ALSO:
   moat(1), moat-gateway(8); /usr/share/doc/moat/operations.md";
@@ -115,27 +121,53 @@ fn main() -> Result<()> {
         .block_on(run(config))
 }
 
+/// The VM backend for this host (`[vmm] backend`); an explicit choice that
+/// cannot work here stops the broker with the reason.
+fn choose_vmm(config: &BrokerConfig) -> Result<Arc<dyn Vmm>> {
+    let facts = moat_broker::vmm::accel::HostFacts::read(Path::new("/"));
+    // The jail's own /dev/kvm node is 0666; the group matters only in
+    // development mode (no jail), and group 0 is never given.
+    let kvm_gid = std::fs::metadata("/dev/kvm")
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
+        .filter(|gid| *gid != 0);
+    let runner = match &config.vmm.runner {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("moat-vmm"),
+    };
+    let (backend, why) =
+        choose_backend(&config.vmm.backend, &facts, &runner).map_err(anyhow::Error::msg)?;
+    Ok(match backend {
+        Backend::Libkrun => Arc::new(Libkrun {
+            runner,
+            reason: why,
+            kvm_gid,
+        }),
+        Backend::Qemu => {
+            let (accel, reason) =
+                detect_accel(&config.vmm.accel, &facts).map_err(anyhow::Error::msg)?;
+            Arc::new(Qemu {
+                binary: config.vmm.qemu.clone(),
+                accel,
+                reason: format!("{reason}; {why}"),
+                kvm_gid,
+            })
+        }
+    })
+}
+
 async fn run(config: BrokerConfig) -> Result<()> {
     let config = Arc::new(config);
+    // First: a backend that cannot work here stops the broker before it
+    // touches anything.
+    let vmm = choose_vmm(&config)?;
+    tracing::info!(vmm = %vmm.describe(), "VM backend chosen");
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o711)
         .create(&config.state_dir)?;
     std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o711))?;
     let initramfs = write_initramfs(&config.boot.agent, &config.state_dir.join("boot"))?;
-
-    let facts = moat_broker::vmm::accel::HostFacts::read(Path::new("/"));
-    let (accel, reason) = detect_accel(&config.vmm.accel, &facts).map_err(anyhow::Error::msg)?;
-    let kvm_gid = std::fs::metadata("/dev/kvm")
-        .ok()
-        .map(|m| std::os::unix::fs::MetadataExt::gid(&m));
-    let vmm: Arc<dyn Vmm> = Arc::new(Qemu {
-        binary: config.vmm.qemu.clone(),
-        accel,
-        reason,
-        kvm_gid,
-    });
-    tracing::info!(vmm = %vmm.describe(), "VM backend chosen");
 
     let jail_mode = if config.jail.development_unjailed {
         tracing::warn!("DEVELOPMENT MODE: VM processes run WITHOUT the jail (no namespaces, pivot_root, rlimits or seccomp filter); never use this in production");

@@ -1,8 +1,9 @@
-//! The agent channel: reads `HostMessage` frames from the virtio-serial port,
-//! handles each request on its own thread and writes `GuestMessage` replies
-//! (same id) through one mutex-guarded writer. A host disconnect is not the
-//! end: the port reads 0 bytes until the host reconnects, so we back off and
-//! keep reading. With test hooks on ([`crate::testhook`]), some `Exec`
+//! The agent channel: reads `HostMessage` frames from the virtio-serial port
+//! (QEMU) or from a vsock connection (libkrun), handles each request on its
+//! own thread and writes `GuestMessage` replies (same id) through one
+//! mutex-guarded writer. A host disconnect is not the end: the serial port
+//! reads 0 bytes until the host reconnects, so we back off and keep
+//! reading; on vsock each host connection is served in turn. With test hooks on ([`crate::testhook`]), some `Exec`
 //! requests get deliberately broken replies instead.
 
 use std::fs::OpenOptions;
@@ -72,6 +73,53 @@ pub fn serve_port(path: &Path, shutdown: ShutdownHook) -> Result<()> {
         Server::new(writer, shutdown, MAX_FRAME, MAX_IN_FLIGHT).with_test_hooks(test_hooks),
     );
     server.serve(BufReader::with_capacity(64 * 1024, port), OnEof::Wait)
+}
+
+/// Serves host connections on vsock `port`, one at a time, forever
+/// (returns only on error). A new connection is the host reconnecting
+/// (a restarted broker); requests of the old one still running answer
+/// into the old, closed connection.
+pub fn serve_vsock(port: u32, shutdown: ShutdownHook) -> Result<()> {
+    use nix::sys::socket::{
+        accept, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+    };
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let listener = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .ctx(|| "create the agent's vsock socket")?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&listener),
+        &VsockAddr::new(libc::VMADDR_CID_ANY, port),
+    )
+    .ctx(|| format!("bind vsock port {port}"))?;
+    listen(&listener, Backlog::new(4).unwrap_or(Backlog::MAXCONN))
+        .ctx(|| format!("listen on vsock port {port}"))?;
+    log!("listening on vsock port {port}");
+    let test_hooks = testhook::enabled_from_env();
+    let shutdown: Arc<ShutdownHook> = Arc::new(shutdown);
+    loop {
+        let fd = match accept(std::os::fd::AsRawFd::as_raw_fd(&listener)) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => continue,
+            Err(e) => return Err(e).ctx(|| format!("accept on vsock port {port}")),
+        };
+        // SAFETY: accept returned a new fd that nothing else owns.
+        let conn = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let writer = conn.try_clone().ctx(|| "duplicate the vsock connection")?;
+        let hook = Arc::clone(&shutdown);
+        let server = Arc::new(
+            Server::new(writer, Box::new(move || hook()), MAX_FRAME, MAX_IN_FLIGHT)
+                .with_test_hooks(test_hooks),
+        );
+        match server.serve(BufReader::with_capacity(64 * 1024, conn), OnEof::Stop) {
+            Ok(()) => log!("host disconnected"),
+            Err(e) => log!("host connection failed: {e}"),
+        }
+    }
 }
 
 fn failure(id: u64, message: impl Into<String>) -> GuestMessage {

@@ -1,5 +1,6 @@
 //! PID 1: runs the boot sequence (mounts, root switch, hostname, loopback,
-//! workload cgroups, port discovery), forks the channel server, then reaps
+//! workload cgroups, the agent channel: a virtio-serial port, or vsock when
+//! the kernel command line says `MOAT_AGENT_VSOCK`), forks the channel server, then reaps
 //! every process until the server exits, and powers the VM off. Any failure powers off too, after
 //! a `FATAL:` line on the console explaining why.
 
@@ -11,7 +12,7 @@ use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
-use moat_proto::agent::PORT_NAME;
+use moat_proto::agent::{PORT_NAME, VSOCK_VAR};
 
 use crate::channel;
 use crate::discover::{self, DISK_WAIT, IMAGE_SERIAL, PORT_WAIT, RW_SERIAL};
@@ -30,19 +31,22 @@ pub fn run() -> ! {
     power::arm();
     let start = Instant::now();
     log!("starting, version {}", env!("CARGO_PKG_VERSION"));
-    let port = match boot() {
-        Ok(port) => port,
+    let channel = match boot() {
+        Ok(channel) => channel,
         Err(e) => fatal(&e),
     };
+    let on = match &channel {
+        Channel::Port(port) => port.display().to_string(),
+        Channel::Vsock(port) => format!("vsock port {port}"),
+    };
     log!(
-        "boot done in {} ms; serving on {}",
-        start.elapsed().as_millis(),
-        port.display()
+        "boot done in {} ms; serving on {on}",
+        start.elapsed().as_millis()
     );
     // SAFETY: PID 1 has not started any thread (nothing in `boot` does), so
     // the child may run arbitrary code, including spawning threads.
     match unsafe { fork() } {
-        Ok(ForkResult::Child) => serve(&port),
+        Ok(ForkResult::Child) => serve(&channel),
         Ok(ForkResult::Parent { child }) => reap(child),
         Err(e) => fatal(&AgentError::Sys {
             what: "fork the agent server".to_owned(),
@@ -56,8 +60,29 @@ fn fatal(e: &AgentError) -> ! {
     power_off("boot failed")
 }
 
-/// Boot steps up to the agent port; returns the port's device node.
-fn boot() -> Result<PathBuf> {
+/// Where the agent channel is.
+enum Channel {
+    /// A virtio-serial port's device node (QEMU).
+    Port(PathBuf),
+    /// A vsock port to listen on (libkrun).
+    Vsock(u32),
+}
+
+/// The vsock port from `MOAT_AGENT_VSOCK`, when the VMM asked for vsock.
+fn vsock_port() -> Result<Option<u32>> {
+    match env::var(VSOCK_VAR) {
+        Err(_) => Ok(None),
+        Ok(v) => match v.parse::<u32>() {
+            Ok(port) if port > 0 => Ok(Some(port)),
+            _ => Err(AgentError::Config(format!(
+                "{VSOCK_VAR}={v:?} is not a vsock port number"
+            ))),
+        },
+    }
+}
+
+/// Boot steps up to the agent channel.
+fn boot() -> Result<Channel> {
     rootfs::mount_early()?;
     log!("mounted /proc, /sys, /dev");
 
@@ -91,11 +116,15 @@ fn boot() -> Result<PathBuf> {
     }
     workload::set_up();
 
+    if let Some(port) = vsock_port()? {
+        return Ok(Channel::Vsock(port));
+    }
     discover::wait_for(
         &format!("virtio-serial port {PORT_NAME:?}"),
         PORT_WAIT,
         || discover::find_port(sys, dev, PORT_NAME),
     )
+    .map(Channel::Port)
     .map_err(|e| with_inventory(e, &discover::describe_ports(sys)))
 }
 
@@ -107,15 +136,19 @@ fn with_inventory(e: AgentError, inventory: &str) -> AgentError {
     }
 }
 
-/// The server process: serves the port until it fails.
-fn serve(port: &Path) -> ! {
+/// The server process: serves the channel until it fails.
+fn serve(channel: &Channel) -> ! {
     if let Some(layout) = workload::active() {
         if let Err(e) = layout.join_agent() {
             log!("the agent server stays outside its cgroup: {e}");
         }
     }
     let shutdown = Box::new(|| power_off("shutdown requested by the host"));
-    match channel::serve_port(port, shutdown) {
+    let served = match channel {
+        Channel::Port(port) => channel::serve_port(port, shutdown),
+        Channel::Vsock(port) => channel::serve_vsock(*port, shutdown),
+    };
+    match served {
         Ok(()) => log!("agent server stopped"),
         Err(e) => log!("FATAL: agent server: {e}"),
     }

@@ -1,6 +1,7 @@
 //! The jail's root: a fresh tmpfs holding only what the VMM needs —
 //! read-only binds of the host's `/usr` (and the merged-/usr symlinks), the
-//! files and directories the spec names, a few device nodes and a `/proc`
+//! files and directories the spec names, a few device nodes (on a read-only
+//! `/dev` tmpfs of their own: the root is nodev) and a `/proc`
 //! for the new PID namespace — then `pivot_root` into it, the old root
 //! detached and the new root made read-only.
 
@@ -205,8 +206,19 @@ pub fn enter_root(spec: &JailSpec, volumes: Vec<(OwnedFd, FdBind)>) -> Result<()
     for (tree, b) in volumes {
         attach_volume(root, tree, b)?;
     }
+    // /dev is a tmpfs of its own: the root is mounted nodev, which would
+    // make every device node in it unusable (EACCES on /dev/kvm). It holds
+    // only the nodes named by --dev and is made read-only once they exist.
     let dev = root.join("dev");
     fs::create_dir_all(&dev).map_err(JailError::step("create /dev"))?;
+    mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=16k,nr_inodes=16"),
+    )
+    .map_err(JailError::errno("mount /dev"))?;
     for name in &spec.devices {
         if let Some((_, major, minor)) = DEVICES.iter().find(|(n, _, _)| n == name) {
             mknod(
@@ -221,6 +233,18 @@ pub fn enter_root(spec: &JailSpec, volumes: Vec<(OwnedFd, FdBind)>) -> Result<()
                 .map_err(JailError::step("set a device node's mode"))?;
         }
     }
+    mount(
+        NONE,
+        &dev,
+        NONE,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NOEXEC,
+        NONE,
+    )
+    .map_err(JailError::errno("make /dev read-only"))?;
     let proc_dir = root.join("proc");
     fs::create_dir_all(&proc_dir).map_err(JailError::step("create /proc"))?;
     mount(

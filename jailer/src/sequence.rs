@@ -3,7 +3,10 @@
 //!
 //! 1. validate the spec (`spec.rs`, before this function runs);
 //! 2. close every inherited fd above stderr except the passed ones (3, 4,
-//!    ...: `--keep-fd`, `--bind-fd`); clear the environment; umask 022, so
+//!    ...: `--keep-fd`, `--bind-fd`); open the VMM program as an fd (it is
+//!    exec'd through that fd, so it need not be visible inside the jail:
+//!    the `moat-vmm` runner can live outside `/usr`); clear the
+//!    environment; umask 022, so
 //!    the jail's directories are traversable by the sandbox's uid whatever
 //!    umask the broker runs with (systemd gives it 077);
 //! 3. join the sandbox's cgroups (memory, CPU, pids limits apply from here);
@@ -20,12 +23,15 @@
 //!    groups, gid and uid (real, effective, saved); clear ambient caps;
 //! 9. `no_new_privs`; parent-death SIGKILL (the VM dies with its waiter);
 //! 10. umask 077 (what the VMM creates, its sockets, is its own); seccomp
-//!     filters (allow-list compiled from `seccomp/*.json`);
-//! 11. exec the VMM with an empty environment.
+//!     filters (the `--seccomp` profile's allow-list, compiled from
+//!     `seccomp/*.json`);
+//! 11. exec the VMM through its fd (`execveat(AT_EMPTY_PATH)`) with an
+//!     empty environment.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 
+use nix::fcntl::{open, AtFlags, OFlag};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::stat::{umask, Mode};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -56,6 +62,13 @@ fn steps(spec: &JailSpec) -> Result<std::convert::Infallible, JailError> {
     }
     let program = CString::new(spec.program.as_os_str().as_bytes())
         .map_err(|_| JailError::Spec("program contains NUL".into()))?;
+    // Opened here, in the host's mount namespace; exec'd in step 11.
+    let program_fd = open(
+        &spec.program,
+        OFlag::O_PATH | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(JailError::errno("open the VMM program"))?;
     let mut argv = vec![program.clone()];
     for a in &spec.args {
         argv.push(
@@ -64,7 +77,7 @@ fn steps(spec: &JailSpec) -> Result<std::convert::Infallible, JailError> {
         );
     }
     let cap_last = privileges::last_cap()?;
-    let filters = seccomp::filters();
+    let filters = seccomp::filters(spec.seccomp);
     umask(Mode::from_bits_truncate(0o022));
 
     // Step 3.
@@ -126,7 +139,8 @@ fn steps(spec: &JailSpec) -> Result<std::convert::Infallible, JailError> {
     seccomp::install(&filters)?;
     // Step 11.
     let env: [CString; 0] = [];
-    let err = nix::unistd::execve(&program, &argv, &env).map_err(JailError::errno("exec the VMM"));
+    let err = nix::unistd::execveat(&program_fd, c"", &argv, &env, AtFlags::AT_EMPTY_PATH)
+        .map_err(JailError::errno("exec the VMM"));
     match err {
         Err(e) => Err(e),
         Ok(never) => match never {},

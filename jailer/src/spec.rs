@@ -5,7 +5,7 @@
 //! moat-jailer --uid N --gid N [--group G]... --cgroup-procs FILE...
 //!   --root DIR [--ro SRC:DST]... [--rw SRC:DST]... [--dev NAME]...
 //!   [--nofile N] [--fsize BYTES] [--nproc N] [--hostname NAME]
-//!   [--keep-fd N]... [--bind-fd N:DST:ro|rw]...
+//!   [--keep-fd N]... [--bind-fd N:DST:ro|rw]... [--seccomp qemu|libkrun]
 //!   -- PROGRAM [ARG]...
 //! ```
 //! Paths given with `--ro`/`--rw` are bind-mounted at DST inside the new
@@ -14,7 +14,8 @@
 //! are directories (volumes, opened by the broker beneath their roots) bound
 //! at DST and then closed, so the jail never resolves a volume by path. The
 //! fds named by both flags must be exactly 3, 4, ... with no gap: every
-//! other inherited fd is closed.
+//! other inherited fd is closed. `--seccomp` names the allow-list the VMM
+//! runs under (default `qemu`; `libkrun` for the `moat-vmm` runner).
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
@@ -48,8 +49,17 @@ pub struct JailSpec {
     pub keep_fds: Vec<i32>,
     /// Directory fds bound into the jail, then closed.
     pub fd_binds: Vec<FdBind>,
+    /// The seccomp allow-list the VMM runs under.
+    pub seccomp: SeccompProfile,
     pub program: PathBuf,
     pub args: Vec<OsString>,
+}
+
+/// Which compiled allow-list (`seccomp/<name>-x86_64.json`) to install.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeccompProfile {
+    Qemu,
+    Libkrun,
 }
 
 /// A directory the broker opened, bound at `dst` inside the jail.
@@ -159,6 +169,7 @@ impl JailSpec {
             hostname: "moat-vm".into(),
             keep_fds: Vec::new(),
             fd_binds: Vec::new(),
+            seccomp: SeccompProfile::Qemu,
             program: PathBuf::new(),
             args: Vec::new(),
         };
@@ -190,6 +201,17 @@ impl JailSpec {
                     s.keep_fds.push(fd_number(&flag, &v)?);
                 }
                 "--bind-fd" => s.fd_binds.push(fd_bind(&flag, it.next())?),
+                "--seccomp" => {
+                    s.seccomp = match it.next().and_then(|v| v.into_string().ok()).as_deref() {
+                        Some("qemu") => SeccompProfile::Qemu,
+                        Some("libkrun") => SeccompProfile::Libkrun,
+                        other => {
+                            return Err(invalid(format!(
+                                "--seccomp {other:?}: use qemu or libkrun"
+                            )))
+                        }
+                    }
+                }
                 "--nofile" => s.nofile = number(&flag, it.next())?,
                 "--fsize" => s.fsize = Some(number(&flag, it.next())?),
                 "--nproc" => s.nproc = number(&flag, it.next())?,
@@ -299,6 +321,20 @@ mod tests {
             s.args,
             vec![OsString::from("-M"), OsString::from("microvm")]
         );
+        assert_eq!(s.seccomp, SeccompProfile::Qemu);
+    }
+
+    #[test]
+    fn the_seccomp_profile_is_chosen_from_a_closed_list() {
+        let with = |profile: &str| {
+            let mut args = vec!["--seccomp", profile];
+            args.extend(OK);
+            parse(&args)
+        };
+        assert_eq!(with("libkrun").unwrap().seccomp, SeccompProfile::Libkrun);
+        assert_eq!(with("qemu").unwrap().seccomp, SeccompProfile::Qemu);
+        let err = with("none").unwrap_err().to_string();
+        assert!(err.contains("use qemu or libkrun"), "{err}");
     }
 
     #[test]

@@ -51,9 +51,9 @@ file -b "$agent" 2>/dev/null | grep -q "static" || ldd "$agent" 2>&1 | grep -q "
 
 step "host binaries ($profile)"
 if [ "$profile" = release ]; then
-  cargo build --release --locked -q -p moat-cli -p moat-broker -p moat-jailer -p moat-gateway
+  cargo build --release --locked -q -p moat-cli -p moat-broker -p moat-jailer -p moat-vmm -p moat-gateway
 else
-  cargo build --locked -q -p moat-cli -p moat-broker -p moat-jailer -p moat-gateway
+  cargo build --locked -q -p moat-cli -p moat-broker -p moat-jailer -p moat-vmm -p moat-gateway
 fi
 
 mkdir -p build

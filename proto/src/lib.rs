@@ -32,4 +32,16 @@ pub mod agent {
 
     /// Name of the virtio-serial port that carries the agent channel.
     pub const PORT_NAME: &str = "moat.agent";
+
+    /// The vsock port the agent listens on when the VMM offers vsock
+    /// instead of virtio-serial (the libkrun backend).
+    pub const VSOCK_PORT: u32 = 1024;
+
+    /// Kernel command-line word that tells the agent to listen on vsock
+    /// (`MOAT_AGENT_VSOCK=<port>`) instead of opening the serial port.
+    pub const VSOCK_VAR: &str = "MOAT_AGENT_VSOCK";
+
+    /// Kernel command-line word naming the volumes' filesystem
+    /// (`MOAT_SHARE_FS=9p` or `virtiofs`; 9p when absent).
+    pub const SHARE_FS_VAR: &str = "MOAT_SHARE_FS";
 }

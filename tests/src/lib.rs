@@ -66,9 +66,9 @@ pub struct Options {
     /// `[auth]`); when non-empty, or with `keys`, the harness writes a
     /// gateway config and passes `--gateway-config`.
     pub gateway_toml: String,
-    /// The VMM binary the broker runs (`[vmm] qemu`); default: the host's
-    /// QEMU.
-    pub qemu: Option<PathBuf>,
+    /// A program the broker runs in place of the VMM: `[vmm] qemu` on the
+    /// QEMU backend, `[vmm] runner` on libkrun (see [`vmm_backend`]).
+    pub vmm_program: Option<PathBuf>,
     /// Size of each sandbox's writable disk.
     pub writable_disk_mib: u32,
     /// Extra broker config appended to the harness's (whole tables).
@@ -111,7 +111,7 @@ impl Default for Options {
             max_output_bytes: 1 << 20,
             keys: false,
             gateway_toml: String::new(),
-            qemu: None,
+            vmm_program: None,
             writable_disk_mib: 1024,
             broker_toml: String::new(),
             limits_toml: String::new(),
@@ -187,6 +187,12 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// The VM backend the suites run on: `MOAT_VMM` (`auto`, `libkrun` or
+/// `qemu`), default `auto` (libkrun on hardware KVM, QEMU elsewhere).
+pub fn vmm_backend() -> String {
+    std::env::var("MOAT_VMM").unwrap_or_else(|_| "auto".into())
+}
+
 fn user_ids(name: &str) -> (u32, u32) {
     let u = nix::unistd::User::from_name(name)
         .expect("getpwnam")
@@ -255,7 +261,8 @@ count = {uid_count}
 [cgroups]
 parent = "{cgroup_parent}"
 [vmm]
-qemu = "{qemu}"
+backend = "{backend}"
+{vmm_program}
 [network]
 table = "{net_table}"
 iface_prefix = "{net_prefix}"
@@ -324,11 +331,12 @@ owner_gid = {volume_owner}
                 "pull_on_start = false"
             },
             unjailed = opts.unjailed,
-            qemu = opts
-                .qemu
-                .as_deref()
-                .unwrap_or(Path::new("/usr/bin/qemu-system-x86_64"))
-                .display(),
+            backend = vmm_backend(),
+            vmm_program = match (&opts.vmm_program, vmm_backend().as_str()) {
+                (None, _) => String::new(),
+                (Some(p), "libkrun") => format!("runner = \"{}\"", p.display()),
+                (Some(p), _) => format!("qemu = \"{}\"", p.display()),
+            },
         );
         let config_path = dir.path().join("broker.toml");
         fs::write(&config_path, config).expect("write config");
@@ -724,13 +732,15 @@ owner_gid = {volume_owner}
         lines_of(result, "stdout")
     }
 
-    /// (pid, uid) of the VM processes (the VMMs themselves, not the
-    /// jailer waiting for them) running under this server's sandbox uids.
+    /// (pid, uid) of the VM processes (the VMMs themselves, QEMU or the
+    /// libkrun runner, not the jailer waiting for them) running under this
+    /// server's sandbox uids.
     pub fn vm_pids(&self) -> Vec<(i32, u32)> {
         self.sandbox_processes()
             .into_iter()
             .filter(|(pid, _)| {
-                fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("qemu"))
+                fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim_end() != "moat-jailer")
             })
             .collect()
     }

@@ -228,10 +228,16 @@ impl Probe {
                 _ => args.push(a.clone()),
             }
         }
-        args.push("--ro".into());
-        args.push(format!("{}:/probe", self.bin_dir.path().display()));
+        // The jailer opens the program on the host and execs it through
+        // that fd: the probe need not be visible inside the jail.
         args.push("--".into());
-        args.push("/probe/moat-jail-probe".into());
+        args.push(
+            self.bin_dir
+                .path()
+                .join("moat-jail-probe")
+                .display()
+                .to_string(),
+        );
         args.extend(probe_args.iter().map(|a| a.to_string()));
         let out = Command::new(&self.jailer)
             .args(&args)
@@ -299,12 +305,19 @@ fn a_compromised_vmm_reaches_nothing_and_a_forbidden_syscall_kills_it() {
         "write:/usr",
         "write:/disk/image",
         "write:/boot/vmlinux",
+        "write:/dev",
     ] {
         assert!(
             outcome(&lines, check).starts_with("denied"),
             "{check}: {lines:?}"
         );
     }
+    // The device nodes it was given work (the jail's root is nodev, its
+    // /dev is not).
+    assert!(
+        outcome(&lines, "dev:/dev/null").starts_with("reached"),
+        "{lines:?}"
+    );
     // Alone in its PID namespace.
     assert_eq!(outcome(&lines, "processes"), "reached 1");
 
@@ -402,7 +415,7 @@ impl Drop for ProbeAsVmm {
 fn a_vm_process_killed_by_seccomp_is_logged_and_reported() {
     let probe = ProbeAsVmm::install();
     let s = Server::start_with(Options {
-        qemu: Some(probe.0.join("moat-jail-probe")),
+        vmm_program: Some(probe.0.join("moat-jail-probe")),
         ..Options::default()
     });
     // The "VMM" makes a call outside the allow-list as soon as it runs.

@@ -510,8 +510,9 @@ fn a_killed_agent_fails_calls_clearly_and_stop_still_works() {
     // The operator's log names the cause from the guest's console.
     let log = s.log_text();
     assert!(
-        log.lines().any(|l| l.contains("VM ended without a stop request")
-            && l.contains("agent server killed by SIGKILL")),
+        log.lines()
+            .any(|l| l.contains("VM ended without a stop request")
+                && l.contains("agent server killed by SIGKILL")),
         "{log}"
     );
     s.stop_sandbox("headless");

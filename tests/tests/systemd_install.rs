@@ -350,7 +350,7 @@ fn the_package_runs_under_systemd_behind_nginx_and_stops_and_removes_cleanly() {
         assert_eq!(state, "inactive\nsuccess", "{unit}: {}", c.journal());
     }
     assert_eq!(
-        c.exec("cat /proc/[0-9]*/comm | grep -c -E '^(qemu-system|moat-jailer)' || true"),
+        c.exec("cat /proc/[0-9]*/comm | grep -c -E '^(qemu-system|moat-jailer|moat-vmm|libkrun VM)' || true"),
         "0",
         "a VM or jailer process is left"
     );

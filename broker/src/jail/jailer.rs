@@ -54,6 +54,7 @@ pub fn args(plan: &LaunchPlan, spec: &JailSpec) -> Vec<OsString> {
         push("--bind-fd", v);
         fd += 1;
     }
+    push("--seccomp", plan.seccomp.into());
     a.push("--".into());
     a.push(plan.program.clone().into());
     a.extend(plan.args.iter().cloned());
@@ -117,7 +118,10 @@ mod tests {
         assert!(joined.contains("--rw /var/lib/moat/vms/0:/vm"), "{joined}");
         assert!(joined.contains("--cgroup-procs /sys/fs/cgroup/moat/0/cgroup.procs"));
         assert!(joined.contains("--dev null --dev urandom"));
-        assert!(joined.ends_with("-- /usr/bin/qemu"), "{joined}");
+        assert!(
+            joined.ends_with("--seccomp qemu -- /usr/bin/qemu"),
+            "{joined}"
+        );
         assert!(!joined.contains("-fd"), "{joined}");
         let mut s = spec();
         s.keeps_tap = true;

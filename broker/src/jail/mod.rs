@@ -133,6 +133,7 @@ mod tests {
         LaunchPlan {
             program: "/usr/bin/qemu".into(),
             args: vec![],
+            seccomp: "qemu",
         }
     }
 

@@ -36,23 +36,17 @@ impl HostFacts {
 
 /// Picks the accelerator for `preference` ("auto", "kvm", "tcg") and says why.
 pub fn detect_accel(preference: &str, facts: &HostFacts) -> Result<(Accel, String), String> {
-    let kvm_usable = facts.cpu_has_virt && facts.dev_kvm && !facts.kvm_pvm;
-    let why_not = if !facts.dev_kvm {
-        "no /dev/kvm"
-    } else if facts.kvm_pvm {
-        "/dev/kvm is kvm-pvm, which cannot run a stock guest kernel"
-    } else if !facts.cpu_has_virt {
-        "the CPU has no VMX/SVM"
-    } else {
-        ""
-    };
-    match (preference, kvm_usable) {
-        ("kvm", false) => Err(format!(
-            "vmm.accel = \"kvm\" but KVM is not usable here: {why_not}"
+    let why_not = super::select::kvm_unusable(facts);
+    match (preference, why_not) {
+        ("kvm", Some(why)) => Err(format!(
+            "vmm.accel = \"kvm\" but KVM is not usable here: {why}"
         )),
-        ("kvm", true) | ("auto", true) => Ok((Accel::Kvm, "hardware KVM".into())),
+        ("kvm", None) | ("auto", None) => Ok((Accel::Kvm, "hardware KVM".into())),
         ("tcg", _) => Ok((Accel::Tcg, "tcg chosen in config".into())),
-        _ => Ok((Accel::Tcg, format!("tcg software emulation: {why_not}"))),
+        (_, why) => Ok((
+            Accel::Tcg,
+            format!("tcg software emulation: {}", why.unwrap_or("")),
+        )),
     }
 }
 

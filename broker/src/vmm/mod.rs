@@ -1,17 +1,22 @@
 //! VM backends. A backend turns a [`VmSpec`] (kernel, initramfs, disks, agent
 //! socket, size) into a [`LaunchPlan`]: the program and arguments of the one
 //! process that runs this VM. The jail then spawns that process; backends
-//! never spawn anything themselves. QEMU `microvm` is implemented here; the
-//! libkrun runner (`moat-vmm`) fits the same shape.
+//! never spawn anything themselves. Two backends: QEMU `microvm`
+//! (`qemu.rs`) and the libkrun runner `moat-vmm` (`libkrun.rs`, the runner
+//! itself is the crate in `broker/runner/`); `select.rs` picks one.
 
 pub mod accel;
+mod libkrun;
 mod qemu;
+pub mod select;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 pub use accel::{detect_accel, Accel};
+pub use libkrun::Libkrun;
 pub use qemu::Qemu;
+pub use select::{choose_backend, Backend};
 
 /// Everything one VM needs, as paths inside the VM's view of the host.
 #[derive(Debug, Clone)]
@@ -68,6 +73,8 @@ pub struct VmShare {
 pub struct LaunchPlan {
     pub program: PathBuf,
     pub args: Vec<OsString>,
+    /// The jailer's seccomp allow-list for this VMM (`--seccomp`).
+    pub seccomp: &'static str,
 }
 
 /// A VM backend: one process per VM.
@@ -82,17 +89,21 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     fn launch_plan(&self, spec: &VmSpec) -> LaunchPlan;
 }
 
-/// Guest kernel command line shared by all backends.
-pub fn kernel_cmdline(spec: &VmSpec) -> String {
-    // reboot=t: a guest reboot exits the VMM at once; panic=-1: a kernel
-    // panic reboots (and so exits) instead of hanging. No "--": QEMU appends
-    // virtio_mmio device words after ours.
+/// Guest kernel command line shared by all backends, then the backend's
+/// own words (how a panic ends, which channel and share filesystem).
+pub fn kernel_cmdline(spec: &VmSpec, backend_words: &[&str]) -> String {
+    // reboot=t: a guest reboot exits the VMM at once. No "--": both VMMs
+    // append virtio_mmio device words after ours.
     let mut line = format!(
-        "console=ttyS0 reboot=t panic=-1 quiet loglevel=4 MOAT_HOSTNAME={} MOAT_PIDS_MAX={}",
+        "console=ttyS0 reboot=t quiet loglevel=4 MOAT_HOSTNAME={} MOAT_PIDS_MAX={}",
         spec.hostname, spec.guest_pids_max
     );
     if spec.test_hooks {
         line.push_str(" MOAT_TEST_HOOKS=1");
+    }
+    for w in backend_words {
+        line.push(' ');
+        line.push_str(w);
     }
     line
 }

@@ -73,7 +73,9 @@ impl Vmm for Qemu {
             "-serial",
             "chardev:console",
         ]);
-        push(&["-append", &kernel_cmdline(spec)]);
+        // panic=-1: a kernel panic reboots at once, and QEMU reports a
+        // reboot (-no-reboot) the way the broker reads any unasked exit.
+        push(&["-append", &kernel_cmdline(spec, &["panic=-1"])]);
         push(&[
             "-kernel",
             &path(&spec.kernel),
@@ -159,6 +161,7 @@ impl Vmm for Qemu {
         LaunchPlan {
             program: self.binary.clone(),
             args,
+            seccomp: "qemu",
         }
     }
 }

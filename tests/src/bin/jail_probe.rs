@@ -73,6 +73,12 @@ fn files(other_disk: &str, other_pid: &str) {
     );
     report("write:/disk/image", open("/disk/image", libc::O_WRONLY));
     report("write:/boot/vmlinux", open("/boot/vmlinux", libc::O_WRONLY));
+    // /dev is a tmpfs of its own (device nodes work there), read-only.
+    report(
+        "write:/dev",
+        open("/dev/moat-probe", libc::O_WRONLY | libc::O_CREAT),
+    );
+    report("dev:/dev/null", open("/dev/null", libc::O_RDWR));
     report(
         "processes",
         std::fs::read_dir("/proc").map(|d| {

@@ -1,0 +1,250 @@
+//! The guest's serial console, served on a Unix socket the way the QEMU
+//! backend serves it: the runner waits for the broker's first connection
+//! before the guest runs (no boot output is lost), then forwards what the
+//! guest prints to whoever is connected, dropping output while nobody is (a
+//! broker restart never blocks the guest). A later connection replaces the
+//! earlier one (a restarted broker re-attaching).
+//!
+//! It also watches for a kernel panic: libkrun exits 0 when the guest
+//! reboots, and a panicking guest reboots, so [`Console::relay`] reports a
+//! panic line (after forwarding what follows it for a moment) and the
+//! runner ends the process itself with `status::GUEST_PANIC`.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+/// What the kernel prints first when it panics.
+const PANIC_LINE: &[u8] = b"Kernel panic - not syncing";
+/// How long output after the panic line is still forwarded (the reason and
+/// the stack) before the runner exits.
+const PANIC_DRAIN: Duration = Duration::from_millis(500);
+
+/// Finds the panic line in output that arrives in arbitrary chunks.
+#[derive(Debug, Default)]
+pub struct PanicWatch {
+    tail: Vec<u8>,
+}
+
+impl PanicWatch {
+    /// Feeds one chunk; true once the panic line has been seen.
+    pub fn feed(&mut self, chunk: &[u8]) -> bool {
+        self.tail.extend_from_slice(chunk);
+        let found = self.tail.windows(PANIC_LINE.len()).any(|w| w == PANIC_LINE);
+        let keep = PANIC_LINE.len() - 1;
+        if self.tail.len() > keep {
+            self.tail.drain(..self.tail.len() - keep);
+        }
+        found
+    }
+}
+
+/// Why [`Console::relay`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// The pipe closed: the VM is gone.
+    Closed,
+    /// The guest kernel panicked; its message has been forwarded.
+    GuestPanicked,
+}
+
+/// The console socket and the pipe libkrun writes the guest's output to.
+pub struct Console {
+    listener: UnixListener,
+    output: std::fs::File,
+    client: Option<UnixStream>,
+}
+
+impl Console {
+    /// Binds `socket` and makes the pipe; returns the pipe's write end for
+    /// libkrun's serial device.
+    pub fn bind(socket: &Path) -> io::Result<(Self, OwnedFd)> {
+        let listener = UnixListener::bind(socket)?;
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        Ok((
+            Self {
+                listener,
+                output: std::fs::File::from(read),
+                client: None,
+            },
+            write,
+        ))
+    }
+
+    /// Blocks until the broker connects (it does right after spawning us).
+    pub fn wait_for_broker(&mut self) -> io::Result<()> {
+        let (client, _) = self.listener.accept()?;
+        client.set_nonblocking(true)?;
+        self.client = Some(client);
+        self.listener.set_nonblocking(true)
+    }
+
+    /// Forwards the guest's output until the pipe closes (the VM ended) or
+    /// a panic was seen and what followed it forwarded.
+    pub fn relay(mut self) -> RelayEnd {
+        let mut watch = PanicWatch::default();
+        let mut panicked_at: Option<Instant> = None;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            if panicked_at.is_some_and(|t| t.elapsed() >= PANIC_DRAIN) {
+                return RelayEnd::GuestPanicked;
+            }
+            let (out_ready, client_waiting) = {
+                let mut fds = [
+                    PollFd::new(self.output.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
+                ];
+                let timeout = if panicked_at.is_some() {
+                    PollTimeout::from(50u16)
+                } else {
+                    PollTimeout::NONE
+                };
+                match poll(&mut fds, timeout) {
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => return RelayEnd::Closed,
+                }
+                let ready = |f: &PollFd| {
+                    f.revents()
+                        .is_some_and(|r| !(r & (PollFlags::POLLIN | PollFlags::POLLHUP)).is_empty())
+                };
+                (ready(&fds[0]), ready(&fds[1]))
+            };
+            if client_waiting {
+                if let Ok((c, _)) = self.listener.accept() {
+                    if c.set_nonblocking(true).is_ok() {
+                        self.client = Some(c);
+                    }
+                }
+            }
+            if !out_ready {
+                continue;
+            }
+            let n = match self.output.read(&mut buf) {
+                Ok(0) if panicked_at.is_some() => return RelayEnd::GuestPanicked,
+                Ok(0) => return RelayEnd::Closed,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return RelayEnd::Closed,
+            };
+            if watch.feed(&buf[..n]) && panicked_at.is_none() {
+                panicked_at = Some(Instant::now());
+            }
+            // A slow or gone reader loses output, never the guest's time.
+            if let Some(c) = self.client.as_mut() {
+                match c.write(&buf[..n]) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => self.client = None,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_panic_line_is_found_across_chunks() {
+        let mut w = PanicWatch::default();
+        assert!(!w.feed(b"[    0.000000] Linux version 6.1\n[ 1.2] Kernel pa"));
+        assert!(w.feed(b"nic - not syncing: Attempted to kill init!\n"));
+        let mut w = PanicWatch::default();
+        for b in b"xx Kernel panic - not syncing: VFS" {
+            if w.feed(&[*b]) {
+                return;
+            }
+        }
+        panic!("byte-by-byte feed missed the line");
+    }
+
+    #[test]
+    fn ordinary_output_is_not_a_panic() {
+        let mut w = PanicWatch::default();
+        assert!(!w.feed(b"moat-agent: Kernel panics are reported\n"));
+        assert!(!w.feed(&vec![b'k'; 100_000]));
+        assert!(w.tail.len() < PANIC_LINE.len());
+    }
+
+    #[test]
+    fn output_reaches_the_connected_broker_and_is_dropped_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("console.sock");
+        let (mut console, write_end) = Console::bind(&sock).unwrap();
+        let broker = std::thread::spawn({
+            let sock = sock.clone();
+            move || UnixStream::connect(sock).unwrap()
+        });
+        console.wait_for_broker().unwrap();
+        let mut broker = broker.join().unwrap();
+        let relay = std::thread::spawn(move || console.relay());
+        let mut guest = std::fs::File::from(write_end);
+        guest.write_all(b"hello from the guest\n").unwrap();
+        let mut got = vec![0u8; 21];
+        broker.read_exact(&mut got).unwrap();
+        assert_eq!(got, b"hello from the guest\n");
+        // The broker goes away; the guest's writes never block.
+        drop(broker);
+        for _ in 0..200 {
+            guest.write_all(&[b'x'; 1024]).unwrap();
+        }
+        // A new broker attaches and sees what comes next.
+        let mut again = UnixStream::connect(&sock).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        guest.write_all(b"after\n").unwrap();
+        again
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        // It may first get the tail of what was still in the pipe.
+        let mut got = Vec::new();
+        while !got.ends_with(b"after\n") {
+            let mut b = [0u8; 1];
+            again.read_exact(&mut b).unwrap();
+            got.push(b[0]);
+        }
+        assert!(got[..got.len() - 6].iter().all(|b| *b == b'x'));
+        drop(guest);
+        assert_eq!(relay.join().unwrap(), RelayEnd::Closed);
+    }
+
+    #[test]
+    fn a_panic_is_reported_after_its_message_is_forwarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("console.sock");
+        let (mut console, write_end) = Console::bind(&sock).unwrap();
+        let broker = std::thread::spawn({
+            let sock = sock.clone();
+            move || UnixStream::connect(sock).unwrap()
+        });
+        console.wait_for_broker().unwrap();
+        let mut broker = broker.join().unwrap();
+        let started = Instant::now();
+        let relay = std::thread::spawn(move || console.relay());
+        let mut guest = std::fs::File::from(write_end);
+        guest
+            .write_all(b"Kernel panic - not syncing: Attempted to kill init!\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        guest.write_all(b"CPU: 0 PID: 1 Comm: init\n").unwrap();
+        // The guest keeps its pipe open (a panicking kernel spins): the
+        // relay still ends, after the drain time.
+        assert_eq!(relay.join().unwrap(), RelayEnd::GuestPanicked);
+        assert!(started.elapsed() >= PANIC_DRAIN);
+        broker
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut got = String::new();
+        let _ = broker.read_to_string(&mut got);
+        assert!(
+            got.contains("Kernel panic") && got.contains("Comm: init"),
+            "{got}"
+        );
+        drop(guest);
+    }
+}
