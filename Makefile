@@ -48,9 +48,11 @@ test:
 	packaging/dev/setup.sh release
 	$(MAKE) lint unit fuzz e2e
 
+# moat next to its baselines, measured in the same run; a table on stdout
+# and target/moat-bench.json (see tests/src/bin/bench.rs).
 bench: setup
-	$(CARGO) build --locked --release -p moat-e2e --bin moat-bench-foundation
-	MOAT_BUILD_DIR=$(CURDIR)/build MOAT_BIN_DIR=$(CURDIR)/target/release target/release/moat-bench-foundation
+	$(CARGO) build --locked --release -p moat-e2e --bin moat-bench
+	MOAT_BUILD_DIR=$(CURDIR)/build MOAT_BIN_DIR=$(CURDIR)/target/release target/release/moat-bench
 
 # Image import (unpack + boot disk) throughput and loopback-registry pull
 # time, next to tar/mkfs.erofs and skopeo baselines (see tests/src/bin/bench_images.rs).

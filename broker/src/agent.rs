@@ -50,16 +50,20 @@ impl AgentClient {
     /// Connects to the VMM's agent socket (waiting for it to appear; it must
     /// be a socket owned by the VM's `uid`, see `vm_socket.rs`) and returns
     /// once the guest agent answered a Hello, or fails at `deadline`.
+    ///
+    /// `booting`: the guest may not listen yet. QEMU's socket exists from
+    /// the start and holds what we write until the guest opens its port;
+    /// libkrun's appears once the guest's vsock driver is up, and closes a
+    /// connection made before the agent listens, so a booting guest's
+    /// closed connection is made again until the deadline. Otherwise (a
+    /// re-adopted VM, whose agent is up) a closed channel fails at once.
     pub async fn connect(
         socket: &Path,
         uid: u32,
         max_frame: usize,
         deadline: Instant,
+        booting: bool,
     ) -> Result<(Self, HelloReply), AgentError> {
-        // QEMU's socket exists from the start and holds what we write until
-        // the guest opens its port. libkrun's appears once the guest's vsock
-        // driver is up, and a connection made before the agent listens is
-        // closed at once: then we connect again, until the deadline.
         loop {
             let stream = loop {
                 match crate::vm_socket::connect_owned(socket, uid).await {
@@ -76,7 +80,7 @@ impl AgentClient {
             let client = Self::from_stream(stream, max_frame);
             match Self::hello(&client, deadline).await {
                 Ok(reply) => return Ok((client, reply)),
-                Err(AgentError::Closed(_)) if Instant::now() < deadline => {
+                Err(AgentError::Closed(_)) if booting && Instant::now() < deadline => {
                     sleep(Duration::from_millis(20)).await;
                 }
                 Err(e) => return Err(e),
@@ -325,7 +329,7 @@ mod tests {
             });
         });
         let deadline = Instant::now() + Duration::from_secs(10);
-        let (_client, hello) = AgentClient::connect(&path, uid, 1 << 20, deadline)
+        let (_client, hello) = AgentClient::connect(&path, uid, 1 << 20, deadline, true)
             .await
             .unwrap();
         assert_eq!(hello.agent_version, "third time");
@@ -337,13 +341,31 @@ mod tests {
             drop(listener.accept().unwrap());
         });
         let started = Instant::now();
-        let err = AgentClient::connect(&path, uid, 1 << 20, started + Duration::from_millis(500))
-            .await
-            .unwrap_err();
+        let err = AgentClient::connect(
+            &path,
+            uid,
+            1 << 20,
+            started + Duration::from_millis(500),
+            true,
+        )
+        .await
+        .unwrap_err();
         assert!(started.elapsed() >= Duration::from_millis(500), "{err}");
         assert!(
             matches!(err, AgentError::Closed(_) | AgentError::Timeout(_)),
             "{err}"
+        );
+        // A guest that is not booting fails at once when it closes.
+        let started = Instant::now();
+        let err =
+            AgentClient::connect(&path, uid, 1 << 20, started + Duration::from_secs(5), false)
+                .await
+                .unwrap_err();
+        assert!(matches!(err, AgentError::Closed(_)), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
         );
     }
 

@@ -18,7 +18,7 @@ use moat_broker::jail::JailMode;
 use moat_broker::sandbox::{LaunchContext, Sandboxes};
 use moat_broker::service::{AdminService, BrokerService};
 use moat_broker::slots::SlotAllocator;
-use moat_broker::vmm::{choose_backend, detect_accel, Backend, Libkrun, Qemu, Vmm};
+use moat_broker::vmm::{choose_backend, detect_accel, Backend, Backends, Libkrun, Qemu, Vmm};
 use moat_broker::{initramfs, server};
 use moat_proto::broker::admin_server::AdminServer;
 use moat_proto::broker::broker_server::BrokerServer;
@@ -121,9 +121,9 @@ fn main() -> Result<()> {
         .block_on(run(config))
 }
 
-/// The VM backend for this host (`[vmm] backend`); an explicit choice that
+/// The VM backends for this host (`[vmm] backend`); an explicit choice that
 /// cannot work here stops the broker with the reason.
-fn choose_vmm(config: &BrokerConfig) -> Result<Arc<dyn Vmm>> {
+fn choose_vmm(config: &BrokerConfig) -> Result<Backends> {
     let facts = moat_broker::vmm::accel::HostFacts::read(Path::new("/"));
     // The jail's own /dev/kvm node is 0666; the group matters only in
     // development mode (no jail), and group 0 is never given.
@@ -137,22 +137,25 @@ fn choose_vmm(config: &BrokerConfig) -> Result<Arc<dyn Vmm>> {
     };
     let (backend, why) =
         choose_backend(&config.vmm.backend, &facts, &runner).map_err(anyhow::Error::msg)?;
-    Ok(match backend {
-        Backend::Libkrun => Arc::new(Libkrun {
-            runner,
-            reason: why,
+    let (accel, accel_why) = detect_accel(&config.vmm.accel, &facts).map_err(anyhow::Error::msg)?;
+    let qemu = |why: &str| -> Arc<dyn Vmm> {
+        Arc::new(Qemu {
+            binary: config.vmm.qemu.clone(),
+            accel,
+            reason: format!("{accel_why}; {why}"),
             kvm_gid,
-        }),
-        Backend::Qemu => {
-            let (accel, reason) =
-                detect_accel(&config.vmm.accel, &facts).map_err(anyhow::Error::msg)?;
-            Arc::new(Qemu {
-                binary: config.vmm.qemu.clone(),
-                accel,
-                reason: format!("{reason}; {why}"),
+        })
+    };
+    Ok(match backend {
+        Backend::Libkrun => Backends {
+            primary: Arc::new(Libkrun {
+                runner,
+                reason: why,
                 kvm_gid,
-            })
-        }
+            }),
+            with_volumes: qemu("volumes need 9p with mapped-xattr"),
+        },
+        Backend::Qemu => Backends::single(qemu(&why)),
     })
 }
 

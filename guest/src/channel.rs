@@ -81,7 +81,7 @@ pub fn serve_port(path: &Path, shutdown: ShutdownHook) -> Result<()> {
 /// into the old, closed connection.
 pub fn serve_vsock(port: u32, shutdown: ShutdownHook) -> Result<()> {
     use nix::sys::socket::{
-        accept, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+        accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
     };
     use std::os::fd::{FromRawFd, OwnedFd};
     let listener = socket(
@@ -102,7 +102,11 @@ pub fn serve_vsock(port: u32, shutdown: ShutdownHook) -> Result<()> {
     let test_hooks = testhook::enabled_from_env();
     let shutdown: Arc<ShutdownHook> = Arc::new(shutdown);
     loop {
-        let fd = match accept(std::os::fd::AsRawFd::as_raw_fd(&listener)) {
+        // Close-on-exec: what the agent runs must never hold the channel.
+        let fd = match accept4(
+            std::os::fd::AsRawFd::as_raw_fd(&listener),
+            SockFlag::SOCK_CLOEXEC,
+        ) {
             Ok(fd) => fd,
             Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => continue,
             Err(e) => return Err(e).ctx(|| format!("accept on vsock port {port}")),

@@ -21,56 +21,22 @@ use crate::error::{AgentError, Context, Result};
 use crate::log::log;
 use crate::user::Identity;
 
-/// How the VMM shares volumes: virtio-9p (QEMU) or virtio-fs (libkrun).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ShareFs {
-    NineP,
-    VirtioFs,
-}
-
-impl ShareFs {
-    /// From `MOAT_SHARE_FS` on the kernel command line (9p when absent).
-    pub fn from_env() -> Self {
-        Self::parse(
-            std::env::var(moat_proto::agent::SHARE_FS_VAR)
-                .ok()
-                .as_deref(),
-        )
-    }
-
-    fn parse(v: Option<&str>) -> Self {
-        match v {
-            Some("virtiofs") => ShareFs::VirtioFs,
-            _ => ShareFs::NineP,
-        }
-    }
-
-    /// The filesystem type to mount.
-    pub fn fstype(self) -> &'static str {
-        match self {
-            ShareFs::NineP => "9p",
-            ShareFs::VirtioFs => "virtiofs",
-        }
-    }
-
-    /// Mount options: for 9p the virtio transport, the 9P2000.L dialect
-    /// (Linux semantics), 500 kB messages, and permission checks done by
-    /// the guest kernel (`access=client`), which with the host's
-    /// `security_model=mapped-xattr` keeps the guest's owners and modes;
-    /// virtio-fs needs none.
-    pub fn options(self) -> Option<&'static str> {
-        match self {
-            ShareFs::NineP => Some("trans=virtio,version=9p2000.L,msize=512000,access=client"),
-            ShareFs::VirtioFs => None,
-        }
-    }
-}
+/// Filesystem type of the shares.
+pub const FSTYPE: &str = "9p";
 /// Longest tag QEMU accepts for a 9p `mount_tag`.
 pub const MAX_TAG: usize = 31;
 /// Longest accepted mount path, in bytes (PATH_MAX less the NUL).
 pub const MAX_PATH: usize = 4095;
 /// Guest trees a volume must never cover (nor anything below them).
 pub const FORBIDDEN: [&str; 4] = ["/proc", "/sys", "/dev", "/.sandbox"];
+
+/// Mount options of every share: virtio transport, the 9P2000.L dialect
+/// (Linux semantics), 500 kB messages, and permission checks done by the
+/// guest kernel (`access=client`), which with the host's
+/// `security_model=mapped-xattr` keeps the guest's owners and modes.
+pub fn options() -> &'static str {
+    "trans=virtio,version=9p2000.L,msize=512000,access=client"
+}
 
 /// Mount flags for a share.
 pub fn flags(read_only: bool) -> MsFlags {
@@ -240,16 +206,15 @@ pub fn mount_one(
     let target = mount_point(root, m)?;
     let pinned = pin(m, &target, OFlag::O_PATH)?;
     let at = fd_path(&pinned);
-    let fs = ShareFs::from_env();
     if m.subdir.is_empty() {
         mount(
             Some(m.tag.as_str()),
             &at,
-            Some(fs.fstype()),
+            Some(FSTYPE),
             flags(m.read_only),
-            fs.options(),
+            Some(options()),
         )
-        .ctx(|| format!("setup: {}: mount {}", describe(m), fs.fstype()))?;
+        .ctx(|| format!("setup: {}: mount 9p", describe(m)))?;
     } else {
         if m.subdir.len() > 4 || !m.subdir.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad(m, "the share's subdirectory must be 1-4 digits"));
@@ -265,11 +230,11 @@ pub fn mount_one(
             mount(
                 Some(m.tag.as_str()),
                 &fd_path(&share_dir),
-                Some(fs.fstype()),
+                Some(FSTYPE),
                 flags(false),
-                fs.options(),
+                Some(options()),
             )
-            .ctx(|| format!("setup: {}: mount {}", describe(m), fs.fstype()))?;
+            .ctx(|| format!("setup: {}: mount 9p", describe(m)))?;
             shares.push(m.tag.clone());
         }
         let source = pin(m, &share.join(&m.subdir), OFlag::O_PATH)?;
@@ -348,14 +313,10 @@ mod tests {
     }
 
     #[test]
-    fn the_share_filesystem_and_its_options_are_fixed() {
-        assert_eq!(ShareFs::parse(None), ShareFs::NineP);
-        assert_eq!(ShareFs::parse(Some("nfs")), ShareFs::NineP);
-        assert_eq!(ShareFs::parse(Some("virtiofs")).fstype(), "virtiofs");
-        assert_eq!(ShareFs::VirtioFs.options(), None);
+    fn the_option_string_is_fixed() {
         assert_eq!(
-            ShareFs::NineP.options(),
-            Some("trans=virtio,version=9p2000.L,msize=512000,access=client")
+            options(),
+            "trans=virtio,version=9p2000.L,msize=512000,access=client"
         );
         assert_eq!(flags(false), MsFlags::MS_NOSUID | MsFlags::MS_NODEV);
         assert_eq!(

@@ -5,7 +5,9 @@
 //! 2. close every inherited fd above stderr except the passed ones (3, 4,
 //!    ...: `--keep-fd`, `--bind-fd`); open the VMM program as an fd (it is
 //!    exec'd through that fd, so it need not be visible inside the jail:
-//!    the `moat-vmm` runner can live outside `/usr`); clear the
+//!    the `moat-vmm` runner can live outside `/usr`; the fd is
+//!    close-on-exec, so the program must be an ELF binary, not a `#!`
+//!    script); clear the
 //!    environment; umask 022, so
 //!    the jail's directories are traversable by the sandbox's uid whatever
 //!    umask the broker runs with (systemd gives it 077);
@@ -106,6 +108,7 @@ fn steps(spec: &JailSpec) -> Result<std::convert::Infallible, JailError> {
                 unsafe { libc::close(*fd) };
             }
             drop(volumes);
+            drop(program_fd);
             // This waiter outlives the broker on purpose: a restarted
             // broker re-adopts it (by pid, start time and cgroup). The VM
             // process dies with it (its parent-death signal, step 9).

@@ -40,8 +40,4 @@ pub mod agent {
     /// Kernel command-line word that tells the agent to listen on vsock
     /// (`MOAT_AGENT_VSOCK=<port>`) instead of opening the serial port.
     pub const VSOCK_VAR: &str = "MOAT_AGENT_VSOCK";
-
-    /// Kernel command-line word naming the volumes' filesystem
-    /// (`MOAT_SHARE_FS=9p` or `virtiofs`; 9p when absent).
-    pub const SHARE_FS_VAR: &str = "MOAT_SHARE_FS";
 }

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod bare_vm;
 pub mod registry;
 pub mod stats;
 pub mod testnet;

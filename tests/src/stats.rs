@@ -10,18 +10,40 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-/// Prints `name`'s count, median, p99 and minimum; returns the median.
-pub fn report(name: &str, unit: &str, mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let median = percentile(&v, 0.5);
+/// Count, median, p99 and minimum of repeated runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Summary {
+    pub n: usize,
+    pub median: f64,
+    pub p99: f64,
+    pub min: f64,
+}
+
+impl Summary {
+    pub fn of(mut v: Vec<f64>) -> Self {
+        v.sort_by(|a, b| a.total_cmp(b));
+        Self {
+            n: v.len(),
+            median: percentile(&v, 0.5),
+            p99: percentile(&v, 0.99),
+            min: v.first().copied().unwrap_or(f64::NAN),
+        }
+    }
+}
+
+/// Prints `name`'s count, median, p99 and minimum; returns the summary.
+pub fn summarise(name: &str, unit: &str, v: Vec<f64>) -> Summary {
+    let s = Summary::of(v);
     println!(
-        "{name:<44} n={:<3} median={:>9.2} {unit}  p99={:>9.2} {unit}  min={:>9.2} {unit}",
-        v.len(),
-        median,
-        percentile(&v, 0.99),
-        v.first().copied().unwrap_or(f64::NAN)
+        "{name:<52} n={:<3} median={:>9.2} {unit}  p99={:>9.2} {unit}  min={:>9.2} {unit}",
+        s.n, s.median, s.p99, s.min
     );
-    median
+    s
+}
+
+/// Prints `name`'s count, median, p99 and minimum; returns the median.
+pub fn report(name: &str, unit: &str, v: Vec<f64>) -> f64 {
+    summarise(name, unit, v).median
 }
 
 #[cfg(test)]

@@ -264,7 +264,7 @@ fn the_jailed_runner_boots_our_kernel_to_its_banner() {
         let banner = banner.unwrap_or_else(|| panic!("no banner:\n{}", console.tail(40)));
         let text = console.tail(400);
         assert!(
-            text.contains("MOAT_AGENT_VSOCK=1024") && text.contains("MOAT_SHARE_FS=virtiofs"),
+            text.contains("MOAT_AGENT_VSOCK=1024") && text.contains("MOAT_HOSTNAME=smoke"),
             "our command line reached the kernel:\n{text}"
         );
 

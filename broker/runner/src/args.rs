@@ -6,8 +6,12 @@
 //! ```text
 //! moat-vmm --cpus N --memory-mib N --kernel PATH --initramfs PATH
 //!   --cmdline TEXT --console-socket PATH --agent-vsock PORT:PATH
-//!   [--disk ID:PATH:ro|rw]... [--net-fd N --mac MAC] [--share TAG:PATH:ro|rw]...
+//!   [--disk ID:PATH:ro|rw]... [--net-fd N --mac MAC]
 //! ```
+//!
+//! No host directory sharing: libkrun's virtio-fs on Linux needs
+//! CAP_SETUID to keep guest owners, which a jailed runner never has, so
+//! the broker runs sandboxes with volumes on QEMU (9p, mapped-xattr).
 
 use std::ffi::OsString;
 use std::path::{Component, Path, PathBuf};
@@ -21,13 +25,12 @@ moat-broker starts it through moat-jailer; it is not meant to be run by hand.
 
 usage: moat-vmm --cpus N --memory-mib N --kernel PATH --initramfs PATH
          --cmdline TEXT --console-socket PATH --agent-vsock PORT:PATH
-         [--disk ID:PATH:ro|rw]... [--net-fd N --mac MAC] [--share TAG:PATH:ro|rw]...
+         [--disk ID:PATH:ro|rw]... [--net-fd N --mac MAC]
 
   --console-socket  served for the broker; the guest starts once it connects
   --agent-vsock     libkrun serves vsock PORT as the Unix socket PATH
   --disk            a virtio-blk disk whose serial is ID
   --net-fd, --mac   a tap passed as fd N; frames are relayed to libkrun
-  --share           a virtio-fs share with mount tag TAG
 
 exit status: the guest's own (0 after a power-off), 70 when the guest
 kernel panicked, 2 for a bad command line, 3 when set-up failed.
@@ -42,21 +45,12 @@ pub const MIN_MEMORY_MIB: u32 = 64;
 /// A virtio-blk serial (`GET_ID`) holds 20 bytes.
 pub const MAX_DISK_ID: usize = 20;
 pub const MAX_DISKS: usize = 4;
-pub const MAX_SHARES: usize = 4;
 
 /// One virtio-blk disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disk {
     /// The guest sees it as the disk's serial (`/sys/block/vdX/serial`).
     pub id: String,
-    pub path: PathBuf,
-    pub read_only: bool,
-}
-
-/// One virtio-fs share.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Share {
-    pub tag: String,
     pub path: PathBuf,
     pub read_only: bool,
 }
@@ -81,7 +75,6 @@ pub struct VmConfig {
     pub agent_socket: PathBuf,
     pub disks: Vec<Disk>,
     pub nic: Option<Nic>,
-    pub shares: Vec<Share>,
 }
 
 fn invalid(msg: impl Into<String>) -> RunnerError {
@@ -165,7 +158,6 @@ impl VmConfig {
             agent_socket: PathBuf::new(),
             disks: Vec::new(),
             nic: None,
-            shares: Vec::new(),
         };
         let mut net_fd = None;
         let mut nic_mac = None;
@@ -192,14 +184,6 @@ impl VmConfig {
                     let (id, path, read_only) = named_path(&flag, it.next())?;
                     c.disks.push(Disk {
                         id,
-                        path,
-                        read_only,
-                    });
-                }
-                "--share" => {
-                    let (tag, path, read_only) = named_path(&flag, it.next())?;
-                    c.shares.push(Share {
-                        tag,
                         path,
                         read_only,
                     });
@@ -263,10 +247,8 @@ impl VmConfig {
                 "--cmdline holds a NUL or a \"--\" (libkrun appends words after ours)",
             ));
         }
-        if self.disks.len() > MAX_DISKS || self.shares.len() > MAX_SHARES {
-            return Err(invalid(format!(
-                "at most {MAX_DISKS} disks and {MAX_SHARES} shares"
-            )));
+        if self.disks.len() > MAX_DISKS {
+            return Err(invalid(format!("at most {MAX_DISKS} disks")));
         }
         for d in &self.disks {
             if d.id.len() > MAX_DISK_ID {
@@ -280,11 +262,6 @@ impl VmConfig {
         names.sort_unstable();
         if names.windows(2).any(|w| w[0] == w[1]) {
             return Err(invalid("two --disk with the same id"));
-        }
-        let mut tags: Vec<&str> = self.shares.iter().map(|s| s.tag.as_str()).collect();
-        tags.sort_unstable();
-        if tags.windows(2).any(|w| w[0] == w[1]) {
-            return Err(invalid("two --share with the same tag"));
         }
         Ok(())
     }
@@ -331,14 +308,7 @@ mod tests {
     #[test]
     fn a_full_command_line_parses() {
         let mut a = base();
-        a.extend([
-            "--net-fd",
-            "3",
-            "--mac",
-            "52:54:00:6d:00:01",
-            "--share",
-            "moatvol:/vol:rw",
-        ]);
+        a.extend(["--net-fd", "3", "--mac", "52:54:00:6d:00:01"]);
         let c = VmConfig::parse(args(&a)).unwrap();
         assert_eq!((c.cpus, c.memory_mib, c.agent_port), (2, 512, 1024));
         assert_eq!(c.agent_socket, PathBuf::from("/vm/agent.sock"));
@@ -358,7 +328,6 @@ mod tests {
                 mac: [0x52, 0x54, 0, 0x6d, 0, 1]
             })
         );
-        assert_eq!(c.shares[0].tag, "moatvol");
         assert_eq!(c.files().count(), 4);
     }
 
@@ -384,6 +353,7 @@ mod tests {
             (&["--net-fd", "3", "--mac", "53:54:00:00:00:01"], "--mac"),
             (&["--mac", "52:54:00:00:00"], "--mac"),
             (&["--frobnicate"], "unknown argument"),
+            (&["--share", "moatvol:/vol:rw"], "unknown argument"),
         ];
         for (extra, want) in cases {
             let mut a = base();

@@ -5,6 +5,10 @@
 //! broker restart never blocks the guest). A later connection replaces the
 //! earlier one (a restarted broker re-attaching).
 //!
+//! The panic watch reads raw console bytes, so guest root writing the
+//! panic line to `/dev/console` ends its own VM with the panic status; it
+//! could end its VM anyway (`reboot`), and nothing else is affected.
+//!
 //! It also watches for a kernel panic: libkrun exits 0 when the guest
 //! reboots, and a panicking guest reboots, so [`Console::relay`] reports a
 //! panic line (after forwarding what follows it for a moment) and the
@@ -23,6 +27,9 @@ const PANIC_LINE: &[u8] = b"Kernel panic - not syncing";
 /// How long output after the panic line is still forwarded (the reason and
 /// the stack) before the runner exits.
 const PANIC_DRAIN: Duration = Duration::from_millis(500);
+/// Most output kept for a broker that is slow to read (the oldest is
+/// dropped first).
+const PENDING_MAX: usize = 256 * 1024;
 
 /// Finds the panic line in output that arrives in arbitrary chunks.
 #[derive(Debug, Default)]
@@ -84,20 +91,32 @@ impl Console {
     }
 
     /// Forwards the guest's output until the pipe closes (the VM ended) or
-    /// a panic was seen and what followed it forwarded.
+    /// a panic was seen and what followed it forwarded. Output the broker
+    /// is slow to take waits in a bounded buffer ([`PENDING_MAX`]); beyond
+    /// it, it is dropped: the guest never waits for the broker.
     pub fn relay(mut self) -> RelayEnd {
         let mut watch = PanicWatch::default();
         let mut panicked_at: Option<Instant> = None;
         let mut buf = vec![0u8; 16 * 1024];
+        let mut pending: Vec<u8> = Vec::new();
         loop {
             if panicked_at.is_some_and(|t| t.elapsed() >= PANIC_DRAIN) {
+                self.flush_at_end(&pending);
                 return RelayEnd::GuestPanicked;
             }
-            let (out_ready, client_waiting) = {
-                let mut fds = [
+            let (out_ready, client_waiting, client_state) = {
+                let client_events = if pending.is_empty() {
+                    PollFlags::empty()
+                } else {
+                    PollFlags::POLLOUT
+                };
+                let mut fds = vec![
                     PollFd::new(self.output.as_fd(), PollFlags::POLLIN),
                     PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
                 ];
+                if let Some(c) = &self.client {
+                    fds.push(PollFd::new(c.as_fd(), client_events));
+                }
                 let timeout = if panicked_at.is_some() {
                     PollTimeout::from(50u16)
                 } else {
@@ -108,25 +127,49 @@ impl Console {
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(_) => return RelayEnd::Closed,
                 }
-                let ready = |f: &PollFd| {
-                    f.revents()
-                        .is_some_and(|r| !(r & (PollFlags::POLLIN | PollFlags::POLLHUP)).is_empty())
-                };
-                (ready(&fds[0]), ready(&fds[1]))
+                let has =
+                    |f: &PollFd, flags: PollFlags| f.revents().is_some_and(|r| r.intersects(flags));
+                let readable = PollFlags::POLLIN | PollFlags::POLLHUP;
+                (
+                    has(&fds[0], readable),
+                    has(&fds[1], readable),
+                    fds.get(2).and_then(PollFd::revents),
+                )
             };
+            match client_state {
+                // The broker went away (reported whatever we asked for).
+                Some(r) if r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) => {
+                    self.client = None;
+                    pending.clear();
+                }
+                Some(r) if r.contains(PollFlags::POLLOUT) => self.send(&mut pending, &[]),
+                _ => {}
+            }
             if client_waiting {
-                if let Ok((c, _)) = self.listener.accept() {
-                    if c.set_nonblocking(true).is_ok() {
-                        self.client = Some(c);
+                match self.listener.accept() {
+                    Ok((c, _)) => {
+                        if c.set_nonblocking(true).is_ok() {
+                            self.client = Some(c);
+                            pending.clear();
+                        }
                     }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // Out of fds, say: do not spin on a listener that stays
+                    // readable.
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
             if !out_ready {
                 continue;
             }
             let n = match self.output.read(&mut buf) {
-                Ok(0) if panicked_at.is_some() => return RelayEnd::GuestPanicked,
-                Ok(0) => return RelayEnd::Closed,
+                Ok(0) => {
+                    self.flush_at_end(&pending);
+                    return match panicked_at {
+                        Some(_) => RelayEnd::GuestPanicked,
+                        None => RelayEnd::Closed,
+                    };
+                }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return RelayEnd::Closed,
@@ -134,14 +177,49 @@ impl Console {
             if watch.feed(&buf[..n]) && panicked_at.is_none() {
                 panicked_at = Some(Instant::now());
             }
-            // A slow or gone reader loses output, never the guest's time.
-            if let Some(c) = self.client.as_mut() {
-                match c.write(&buf[..n]) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => self.client = None,
+            self.send(&mut pending, &buf[..n]);
+        }
+    }
+
+    /// The VM has ended: what is still pending goes to the broker, waiting
+    /// for it at most a second.
+    fn flush_at_end(&mut self, pending: &[u8]) {
+        if let Some(c) = self.client.as_mut() {
+            if !pending.is_empty()
+                && c.set_nonblocking(false).is_ok()
+                && c.set_write_timeout(Some(Duration::from_secs(1))).is_ok()
+            {
+                let _ = c.write_all(pending);
+            }
+        }
+    }
+
+    /// Writes what is pending, then `chunk`, to the broker without
+    /// blocking; keeps what it would not take (up to [`PENDING_MAX`]).
+    fn send(&mut self, pending: &mut Vec<u8>, chunk: &[u8]) {
+        let Some(c) = self.client.as_mut() else {
+            pending.clear();
+            return;
+        };
+        pending.extend_from_slice(chunk);
+        while !pending.is_empty() {
+            match c.write(pending) {
+                Ok(0) => break,
+                Ok(n) => {
+                    pending.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.client = None;
+                    pending.clear();
+                    return;
                 }
             }
+        }
+        if pending.len() > PENDING_MAX {
+            let excess = pending.len() - PENDING_MAX;
+            pending.drain(..excess);
         }
     }
 }
@@ -211,6 +289,43 @@ mod tests {
         assert!(got[..got.len() - 6].iter().all(|b| *b == b'x'));
         drop(guest);
         assert_eq!(relay.join().unwrap(), RelayEnd::Closed);
+    }
+
+    #[test]
+    fn a_broker_that_does_not_read_never_blocks_the_guest_and_gets_the_latest_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("console.sock");
+        let (mut console, write_end) = Console::bind(&sock).unwrap();
+        let broker = std::thread::spawn({
+            let sock = sock.clone();
+            move || UnixStream::connect(sock).unwrap()
+        });
+        console.wait_for_broker().unwrap();
+        let mut broker = broker.join().unwrap();
+        let relay = std::thread::spawn(move || console.relay());
+        let mut guest = std::fs::File::from(write_end);
+        let started = Instant::now();
+        for i in 0..1024u32 {
+            let mut line = format!("line {i:08}").into_bytes();
+            line.resize(1023, b'.');
+            line.push(b'\n');
+            guest.write_all(&line).unwrap();
+        }
+        guest.write_all(b"the end\n").unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // Now the broker reads; at the VM's end what is pending is flushed.
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            broker.read_to_end(&mut got).unwrap();
+            got
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        drop(guest);
+        assert_eq!(relay.join().unwrap(), RelayEnd::Closed);
+        let got = reader.join().unwrap();
+        // Bounded (the socket's buffer plus PENDING_MAX), the newest kept.
+        assert!(got.len() < 1024 * 1024, "{}", got.len());
+        assert!(got.ends_with(b"the end\n"));
     }
 
     #[test]

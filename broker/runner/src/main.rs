@@ -17,7 +17,7 @@ mod error;
 mod net;
 mod vm;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 
 use args::VmConfig;
 use error::RunnerError;
@@ -59,9 +59,10 @@ fn run() -> RunnerError {
         }
         None => None,
     };
+    // libkrun owns these from here (it closes them itself).
     let fds = vm::DeviceFds {
-        console_out: console_out.as_raw_fd(),
-        net: net.as_ref().map(|fd| fd.as_raw_fd()),
+        console_out: console_out.into_raw_fd(),
+        net: net.map(IntoRawFd::into_raw_fd),
     };
     let ctx = match vm::configure(&config, &fds) {
         Ok(ctx) => ctx,
@@ -73,10 +74,7 @@ fn run() -> RunnerError {
             std::process::exit(error::status::GUEST_PANIC);
         }
     });
-    let err = vm::start(ctx);
-    // Only reached on failure; the fds stay open until here.
-    drop((console_out, net));
-    err
+    vm::start(ctx)
 }
 
 fn main() {

@@ -6,6 +6,7 @@
 //! a pipe, see `console.rs`), no implicit vsock and no TSI (the guest gets
 //! no network but the NIC the broker gave it). The agent channel is one
 //! vsock port that libkrun serves as a Unix socket in the VM directory.
+//! No virtio-fs: see `args.rs`.
 
 use std::ffi::CString;
 use std::os::fd::RawFd;
@@ -22,9 +23,6 @@ const DISK_FORMAT_RAW: u32 = 0;
 /// libkrun's sync modes: flushes ignored (read-only disks) or honoured.
 const SYNC_NONE: u32 = 0;
 const SYNC_FULL: u32 = 2;
-/// libkrun's virtio-fs permission semantics: guest owners and modes kept
-/// in extended attributes of the host files (like QEMU's mapped-xattr).
-const FS_SEMANTICS_LINUX_COMPLETE: u32 = 0;
 /// Log level warnings, no colours, and RUST_LOG ignored.
 const LOG_LEVEL_WARN: u32 = 2;
 const LOG_STYLE_NEVER: u32 = 2;
@@ -47,7 +45,9 @@ fn c_path(p: &Path) -> Result<CString, RunnerError> {
         .map_err(|_| RunnerError::Usage(format!("{} holds a NUL", p.display())))
 }
 
-/// The host-side fds the VM's devices use.
+/// The host-side fds the VM's devices use; libkrun takes ownership of both
+/// (it wraps them in its own `File`/`OwnedFd`), so they are handed over
+/// as raw fds and never closed here.
 pub struct DeviceFds {
     /// Write end of the console pipe (the serial port's output).
     pub console_out: RawFd,
@@ -81,8 +81,8 @@ pub fn configure(c: &VmConfig, fds: &DeviceFds) -> Result<u32, RunnerError> {
         "krun_disable_implicit_vsock",
         krun::krun_disable_implicit_vsock(ctx),
     )?;
-    // SAFETY: plain integers; console_out is an open pipe end this process
-    // owns for its whole life (libkrun writes the serial output to it).
+    // SAFETY: plain integers; console_out is an open pipe end released to
+    // libkrun (`into_raw_fd`), which owns and closes it from now on.
     check("krun_add_serial_console_default", unsafe {
         krun::krun_add_serial_console_default(ctx, -1, fds.console_out)
     })?;
@@ -111,25 +111,10 @@ pub fn configure(c: &VmConfig, fds: &DeviceFds) -> Result<u32, RunnerError> {
             )
         })?;
     }
-    for s in &c.shares {
-        let tag = c_text(&s.tag)?;
-        let path = c_path(&s.path)?;
-        // SAFETY: both strings are valid and NUL-terminated for the call;
-        // libkrun copies them.
-        check("krun_add_virtiofs4", unsafe {
-            krun::krun_add_virtiofs4(
-                ctx,
-                tag.as_ptr(),
-                path.as_ptr(),
-                0,
-                s.read_only,
-                FS_SEMANTICS_LINUX_COMPLETE,
-            )
-        })?;
-    }
     if let (Some(nic), Some(fd)) = (&c.nic, fds.net) {
         // SAFETY: the MAC pointer covers the six bytes libkrun reads; fd is
-        // our open end of a datagram socket pair; no path is passed.
+        // a datagram socket released to libkrun (`into_raw_fd`), which owns
+        // it from now on; no path is passed.
         check("krun_add_net_unixgram", unsafe {
             krun::krun_add_net_unixgram(ctx, std::ptr::null(), fd, nic.mac.as_ptr(), 0, 0)
         })?;

@@ -23,7 +23,7 @@ use crate::error::BrokerError;
 use crate::jail::{self, JailLayout, JailMode, JailSpec};
 use crate::quota::{NamespacePermit, NamespaceQuota};
 use crate::slots::{Slot, SlotAllocator};
-use crate::vmm::{VmSpec, Vmm};
+use crate::vmm::{Backends, VmSpec};
 
 use super::journal::Journal;
 use super::process::{self, ProcessIdentity};
@@ -38,7 +38,7 @@ const CONSOLE_LINES_IN_ERRORS: usize = 15;
 #[derive(Debug)]
 pub struct LaunchContext {
     pub config: Arc<BrokerConfig>,
-    pub vmm: Arc<dyn Vmm>,
+    pub vmm: Backends,
     pub cgroups: CgroupManager,
     pub slots: SlotAllocator,
     pub running: Arc<Semaphore>,
@@ -488,6 +488,7 @@ async fn boot(
     // Every volume is bound at /vol/<i> inside the jail (read-only binds
     // for `:ro`, enforced by the host kernel) and /vol is one 9p share: one
     // device however many volumes.
+    let vmm = ctx.vmm.for_sandbox(!volumes.is_empty());
     let mut shares = Vec::new();
     let mut volume_binds = Vec::new();
     if !volumes.is_empty() {
@@ -518,16 +519,16 @@ async fn boot(
         nic,
         shares,
     };
-    let plan = ctx.vmm.launch_plan(&vm_spec);
+    let plan = vmm.launch_plan(&vm_spec);
     let jail = JailSpec {
         uid,
         gid,
-        extra_groups: ctx.vmm.extra_groups(),
+        extra_groups: vmm.extra_groups(),
         cgroup_procs: procs,
         dir: res.dir.clone(),
         root,
         layout,
-        devices: ctx.vmm.devices(),
+        devices: vmm.devices(),
         hostname: format!("moat-vm-{}", res.slot.index),
         rlimit_nofile: 1024,
         rlimit_fsize: u64::from(limits.writable_disk_mib) << 20,
@@ -581,6 +582,7 @@ async fn boot(
             uid,
             limits.max_agent_frame_bytes as usize,
             deadline,
+            true,
         )
         .await
         .map_err(|e| match e {
@@ -910,6 +912,7 @@ pub async fn adopt(
             rec.uid,
             limits.max_agent_frame_bytes as usize,
             deadline,
+            false,
         )
         .await
         .map_err(|e| format!("its agent did not answer: {e}"))?;

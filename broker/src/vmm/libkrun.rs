@@ -6,8 +6,11 @@
 //! - the agent channel is vsock port [`VSOCK_PORT`], which libkrun serves
 //!   as the Unix socket `agent.sock` (the guest is told by
 //!   `MOAT_AGENT_VSOCK`); the broker connects to it exactly as to QEMU's;
-//! - volumes are shared with virtio-fs (`MOAT_SHARE_FS=virtiofs`), guest
-//!   owners and modes kept in xattrs as with QEMU's mapped-xattr 9p;
+//! - no volumes: libkrun's virtio-fs on Linux keeps guest owners only with
+//!   CAP_SETUID (which a jailed runner never has) and would store guest
+//!   modes, setuid bits included, on host files; so a libkrun broker runs
+//!   sandboxes with volumes on QEMU with KVM (9p, mapped-xattr; see
+//!   [`super::Backends`]);
 //! - the NIC's tap reaches libkrun through the runner's frame relay;
 //! - libkrun has no per-disk throttling: the cgroup's I/O limits on the
 //!   host devices are the only disk caps;
@@ -18,7 +21,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use moat_proto::agent::{SHARE_FS_VAR, VSOCK_PORT, VSOCK_VAR};
+use moat_proto::agent::{VSOCK_PORT, VSOCK_VAR};
 
 use super::{kernel_cmdline, LaunchPlan, VmSpec, Vmm};
 
@@ -46,9 +49,10 @@ impl Vmm for Libkrun {
     }
 
     fn launch_plan(&self, spec: &VmSpec) -> LaunchPlan {
+        // Backends::for_sandbox never gives this backend a share.
+        debug_assert!(spec.shares.is_empty(), "libkrun has no volume shares");
         let vsock = format!("{VSOCK_VAR}={VSOCK_PORT}");
-        let share_fs = format!("{SHARE_FS_VAR}=virtiofs");
-        let cmdline = kernel_cmdline(spec, &["panic=5", &vsock, &share_fs]);
+        let cmdline = kernel_cmdline(spec, &["panic=5", &vsock]);
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |flag: &str, value: OsString| {
             args.push(flag.into());
@@ -82,13 +86,6 @@ impl Vmm for Libkrun {
             push("--net-fd", nic.tap_fd.to_string().into());
             push("--mac", nic.mac.clone().into());
         }
-        for share in &spec.shares {
-            let mode = if share.read_only { ":ro" } else { ":rw" };
-            push(
-                "--share",
-                with_prefix(&format!("{}:", share.tag), &share.path, mode),
-            );
-        }
         LaunchPlan {
             program: self.runner.clone(),
             args,
@@ -119,11 +116,7 @@ mod tests {
                 tap_fd: 3,
                 mac: "52:54:00:6d:00:01".into(),
             }),
-            shares: vec![crate::vmm::VmShare {
-                path: "/vol".into(),
-                tag: "moatvol".into(),
-                read_only: false,
-            }],
+            shares: Vec::new(),
         }
     }
 
@@ -152,7 +145,6 @@ mod tests {
             "--agent-vsock 1024:/vm/agent.sock",
             "--disk moat-image:/disk/image:ro --disk moat-rw:/vm/rw.ext4:rw",
             "--net-fd 3 --mac 52:54:00:6d:00:01",
-            "--share moatvol:/vol:rw",
         ] {
             assert!(joined.contains(want), "{want}: {joined}");
         }
@@ -162,7 +154,6 @@ mod tests {
             "MOAT_PIDS_MAX=4096",
             "MOAT_TEST_HOOKS=1",
             "MOAT_AGENT_VSOCK=1024",
-            "MOAT_SHARE_FS=virtiofs",
             "panic=5",
         ] {
             assert!(cmdline.split(' ').any(|w| w == word), "{word}: {cmdline}");
@@ -178,7 +169,6 @@ mod tests {
         assert_eq!(b.launch_plan(&spec()).seccomp, "libkrun");
         let mut s = spec();
         s.nic = None;
-        s.shares.clear();
         let joined = b
             .launch_plan(&s)
             .args
@@ -186,6 +176,6 @@ mod tests {
             .map(|a| a.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
             .join(" ");
-        assert!(!joined.contains("--net-fd") && !joined.contains("--share"));
+        assert!(!joined.contains("--net-fd"));
     }
 }

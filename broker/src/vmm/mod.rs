@@ -50,6 +50,46 @@ pub struct VmSpec {
     pub shares: Vec<VmShare>,
 }
 
+/// The VMMs a broker runs sandboxes on: its chosen backend, and the one
+/// for sandboxes with volumes (QEMU in both cases when QEMU was chosen;
+/// QEMU with KVM next to libkrun, whose Linux virtio-fs cannot keep guest
+/// owners without CAP_SETUID).
+#[derive(Debug, Clone)]
+pub struct Backends {
+    pub primary: std::sync::Arc<dyn Vmm>,
+    pub with_volumes: std::sync::Arc<dyn Vmm>,
+}
+
+impl Backends {
+    /// One backend for every sandbox.
+    pub fn single(vmm: std::sync::Arc<dyn Vmm>) -> Self {
+        Self {
+            primary: vmm.clone(),
+            with_volumes: vmm,
+        }
+    }
+
+    /// The backend a sandbox runs on.
+    pub fn for_sandbox(&self, has_volumes: bool) -> &dyn Vmm {
+        if has_volumes {
+            self.with_volumes.as_ref()
+        } else {
+            self.primary.as_ref()
+        }
+    }
+
+    /// For logs and health: the primary, and the volumes' one if different.
+    pub fn describe(&self) -> String {
+        let primary = self.primary.describe();
+        let volumes = self.with_volumes.describe();
+        if primary == volumes {
+            primary
+        } else {
+            format!("{primary}; sandboxes with volumes: {volumes}")
+        }
+    }
+}
+
 /// A virtio-net device on a tap fd.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmNic {
@@ -106,4 +146,39 @@ pub fn kernel_cmdline(spec: &VmSpec, backend_words: &[&str]) -> String {
         line.push_str(w);
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn sandboxes_with_volumes_go_to_the_volumes_backend() {
+        let libkrun: Arc<dyn Vmm> = Arc::new(Libkrun {
+            runner: "/usr/bin/moat-vmm".into(),
+            reason: "hardware KVM".into(),
+            kvm_gid: None,
+        });
+        let qemu: Arc<dyn Vmm> = Arc::new(Qemu {
+            binary: "/usr/bin/qemu-system-x86_64".into(),
+            accel: Accel::Kvm,
+            reason: "hardware KVM".into(),
+            kvm_gid: None,
+        });
+        let b = Backends {
+            primary: libkrun,
+            with_volumes: qemu.clone(),
+        };
+        assert!(b.for_sandbox(false).describe().starts_with("libkrun"));
+        assert!(b.for_sandbox(true).describe().starts_with("qemu-microvm"));
+        assert!(
+            b.describe().contains("; sandboxes with volumes: qemu-microvm"),
+            "{}",
+            b.describe()
+        );
+        let single = Backends::single(qemu);
+        assert!(single.for_sandbox(true).describe().starts_with("qemu"));
+        assert!(!single.describe().contains("volumes"));
+    }
 }

@@ -1,7 +1,8 @@
 //! Chooses the VM backend (`[vmm] backend`): libkrun where `/dev/kvm` is
-//! hardware KVM, QEMU everywhere else. An explicit choice that cannot work
-//! on this host is an error at broker start, never a fallback and never a
-//! hang (libkrun under kvm-pvm would spin in instruction emulation).
+//! hardware KVM (and its runner is installed), QEMU everywhere else. An
+//! explicit choice that cannot work on this host is an error at broker
+//! start, never a fallback and never a hang (libkrun under kvm-pvm would
+//! spin in instruction emulation).
 
 use std::path::Path;
 
@@ -45,13 +46,12 @@ pub fn choose_backend(
         ("libkrun", Some(why)) => Err(format!(
             "vmm.backend = \"libkrun\" cannot work here: {why}; libkrun needs hardware KVM (VMX/SVM). Use backend = \"qemu\" or \"auto\""
         )),
-        ("libkrun" | "auto", None) => {
-            if runner.is_file() {
-                Ok((Backend::Libkrun, "hardware KVM".into()))
-            } else {
-                Err(runner_missing())
-            }
-        }
+        ("libkrun", None) if !runner.is_file() => Err(runner_missing()),
+        ("auto", None) if !runner.is_file() => Ok((
+            Backend::Qemu,
+            format!("libkrun not used: {}", runner_missing()),
+        )),
+        ("libkrun" | "auto", None) => Ok((Backend::Libkrun, "hardware KVM".into())),
         ("auto", Some(why)) => Ok((Backend::Qemu, format!("libkrun not used: {why}"))),
         (other, _) => Err(format!(
             "vmm.backend {other:?}: use \"auto\", \"libkrun\" or \"qemu\""
@@ -91,7 +91,12 @@ mod tests {
     fn a_hardware_host_runs_libkrun_when_the_runner_is_there() {
         let dir = tempfile::tempdir().unwrap();
         let runner = dir.path().join("moat-vmm");
-        let err = choose_backend("auto", &HARDWARE, &runner).unwrap_err();
+        // auto without the runner: QEMU, saying why; an explicit libkrun
+        // without it is an error.
+        let (b, why) = choose_backend("auto", &HARDWARE, &runner).unwrap();
+        assert_eq!(b, Backend::Qemu);
+        assert!(why.contains("runner") && why.contains("missing"), "{why}");
+        let err = choose_backend("libkrun", &HARDWARE, &runner).unwrap_err();
         assert!(err.contains("runner") && err.contains("missing"), "{err}");
         std::fs::write(&runner, b"").unwrap();
         assert_eq!(

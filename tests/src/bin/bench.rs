@@ -1,0 +1,277 @@
+//! `moat-bench` (`make bench`): moat's speed next to baselines measured in
+//! the same run, each figure a median and p99 of repeated runs, printed as
+//! a table and written as JSON.
+//!
+//! - Boot: a bare QEMU boot of the same kernel, initramfs and image to the
+//!   agent's first byte without moat (`bare_vm.rs`) vs `sandbox.start` cold
+//!   over HTTP, as a ratio; the same start without the jail.
+//! - Calls: the raw agent channel round trip (`Hello`) and a raw `Exec` of
+//!   `true` on the bare VM vs `command.run true` over HTTP; warm
+//!   `repl.run print(1)` (Python, Node).
+//! - First code: `sandbox.start` + first `repl.run print(1)`, cold.
+//! - Memory: an idle sandbox's VM process RSS and cgroup usage; the broker's
+//!   and the gateway's RSS.
+//! - Throughput: start → `true` → stop cycles per minute with 4 clients.
+//!
+//! Usage (root, after `make setup`):
+//! `moat-bench [--runs N] [--json FILE]` (default 10 runs,
+//! `target/moat-bench.json`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use moat_e2e::bare_vm::{BareImage, BareVm};
+use moat_e2e::stats::{summarise, Summary};
+use moat_e2e::{build_dir, Options, Server};
+use serde_json::{json, Value};
+
+/// Every figure of the run, by name, for the JSON file.
+#[derive(Default)]
+struct Figures(BTreeMap<String, Value>);
+
+impl Figures {
+    fn add(&mut self, name: &str, unit: &str, v: Vec<f64>) -> Summary {
+        let s = summarise(name, unit, v);
+        self.0.insert(
+            name.to_string(),
+            json!({"unit": unit, "n": s.n, "median": s.median, "p99": s.p99, "min": s.min}),
+        );
+        s
+    }
+
+    fn ratio(&mut self, name: &str, value: f64) {
+        println!("{name:<52} {value:.2}x");
+        self.0.insert(name.to_string(), json!({"ratio": value}));
+    }
+
+    fn value(&mut self, name: &str, unit: &str, value: f64) {
+        println!("{name:<52} {value:.1} {unit}");
+        self.0
+            .insert(name.to_string(), json!({"unit": unit, "value": value}));
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn rss_mib(pid: i32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+fn args() -> (usize, PathBuf) {
+    let mut runs = 10;
+    let mut json_path = PathBuf::from("target/moat-bench.json");
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--runs" => runs = it.next().and_then(|v| v.parse().ok()).expect("--runs N"),
+            "--json" => json_path = it.next().map(PathBuf::from).expect("--json FILE"),
+            other => panic!("unknown argument {other:?}: moat-bench [--runs N] [--json FILE]"),
+        }
+    }
+    (runs.max(2), json_path)
+}
+
+fn main() {
+    let (runs, json_path) = args();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "moat benchmark: {runs} runs; load {}; backend as the broker chooses (MOAT_VMM={})",
+        load.trim(),
+        moat_e2e::vmm_backend()
+    );
+    let mut f = Figures::default();
+    let build = build_dir();
+
+    // Baseline: the bare VM, interleaved with moat's cold starts so both
+    // see the same machine.
+    let bare_files = BareImage::prepare(&build, &build.join("base.erofs"), 1024);
+    let s = Server::start();
+    let mut bare_ms = Vec::new();
+    let mut cold_ms = Vec::new();
+    for i in 0..runs {
+        bare_ms.push(ms(BareVm::boot(&bare_files, 512).boot));
+        let name = format!("cold-{i}");
+        let t = Instant::now();
+        s.start_sandbox(&name, json!({"memory": 512}));
+        cold_ms.push(ms(t.elapsed()));
+        s.stop_sandbox(&name);
+    }
+    let bare = f.add(
+        "bare QEMU boot -> agent first byte (baseline)",
+        "ms",
+        bare_ms,
+    );
+    let cold = f.add("sandbox.start cold (HTTP)", "ms", cold_ms);
+    f.ratio(
+        "sandbox.start cold / bare boot (median)",
+        cold.median / bare.median,
+    );
+
+    // Raw channel and guest fork/exec on the bare VM, next to command.run.
+    let mut vm = BareVm::boot(&bare_files, 512);
+    for _ in 0..5 {
+        vm.exec("true", &[]);
+    }
+    let hello = f.add(
+        "raw agent channel round trip (Hello)",
+        "ms",
+        (0..200).map(|_| ms(vm.hello())).collect(),
+    );
+    let exec = f.add(
+        "raw Exec `true` round trip (channel + fork/exec)",
+        "ms",
+        (0..200).map(|_| ms(vm.exec("true", &[]))).collect(),
+    );
+    drop(vm);
+    s.start_sandbox("calls", json!({}));
+    for _ in 0..5 {
+        s.run("calls", "true", &[]);
+    }
+    let rt = f.add(
+        "command.run `true` round trip (HTTP)",
+        "ms",
+        (0..200)
+            .map(|_| {
+                let t = Instant::now();
+                let r = s.run("calls", "true", &[]);
+                assert_eq!(r["exit_code"], 0);
+                ms(t.elapsed())
+            })
+            .collect(),
+    );
+    f.ratio(
+        "command.run true / raw Exec true (median)",
+        rt.median / exec.median,
+    );
+    f.ratio(
+        "raw Exec true / raw Hello (median)",
+        exec.median / hello.median,
+    );
+
+    // Memory of an idle sandbox and of the daemons.
+    std::thread::sleep(Duration::from_secs(2));
+    let metrics = s.ok(
+        "sandbox.metrics.get",
+        json!({"sandbox": "calls", "namespace": "default"}),
+    );
+    if let Some((pid, _)) = s.vm_pids().first() {
+        f.value("idle sandbox: VM process RSS", "MiB", rss_mib(*pid));
+    }
+    if let Some(mem) = metrics["sandboxes"][0]["memory_usage"].as_f64() {
+        f.value("idle sandbox: cgroup memory (metrics.get)", "MiB", mem);
+    }
+    if let Some(pid) = s.broker_pid() {
+        f.value("broker RSS", "MiB", rss_mib(pid));
+    }
+    if let Some(pid) = s.gateway_pid() {
+        f.value("gateway RSS", "MiB", rss_mib(pid));
+    }
+    s.stop_sandbox("calls");
+
+    // Interpreters: warm cells, and a start plus its first cell.
+    for (image, language, code, want) in [
+        ("microsandbox/python", "python", "print(1)", "1"),
+        ("microsandbox/node", "nodejs", "console.log(1)", "1"),
+    ] {
+        let mut first_ms = Vec::new();
+        for i in 0..runs.div_ceil(2).max(2) {
+            let name = format!("first-{language}-{i}");
+            let t = Instant::now();
+            s.start_sandbox(&name, json!({"image": image}));
+            let r = s.repl(&name, language, code);
+            first_ms.push(ms(t.elapsed()));
+            assert_eq!(r["status"], "success", "{r}");
+            if i == 0 {
+                let warm = (0..100)
+                    .map(|_| {
+                        let t = Instant::now();
+                        let r = s.repl(&name, language, code);
+                        assert_eq!(r["output"][0]["text"], want, "{r}");
+                        ms(t.elapsed())
+                    })
+                    .collect();
+                f.add(&format!("warm repl.run ({language})"), "ms", warm);
+            }
+            s.stop_sandbox(&name);
+        }
+        f.add(
+            &format!("sandbox.start + first repl.run ({language}), cold"),
+            "ms",
+            first_ms,
+        );
+    }
+
+    // Starts per minute with 4 clients.
+    let cycles = (runs * 2).max(8);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for c in 0..4 {
+            let s = &s;
+            scope.spawn(move || {
+                for i in (c..cycles).step_by(4) {
+                    let name = format!("churn-{i}");
+                    s.start_sandbox(&name, json!({}));
+                    s.run(&name, "true", &[]);
+                    s.stop_sandbox(&name);
+                }
+            });
+        }
+    });
+    f.value(
+        "start -> true -> stop cycles per minute (4 clients)",
+        "/min",
+        cycles as f64 / started.elapsed().as_secs_f64() * 60.0,
+    );
+    drop(s);
+
+    // The cost of the jail.
+    let u = Server::start_with(Options {
+        unjailed: true,
+        ..Options::default()
+    });
+    let unjailed = (0..runs)
+        .map(|i| {
+            let name = format!("unjailed-{i}");
+            let t = Instant::now();
+            u.start_sandbox(&name, json!({"memory": 512}));
+            let d = ms(t.elapsed());
+            u.stop_sandbox(&name);
+            d
+        })
+        .collect();
+    f.add(
+        "sandbox.start cold without the jail (dev switch)",
+        "ms",
+        unjailed,
+    );
+    drop(u);
+
+    let doc = json!({
+        "runs": runs,
+        "load_before": load.trim(),
+        "load_after": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "backend": moat_e2e::vmm_backend(),
+        "figures": f.0,
+    });
+    if let Some(dir) = json_path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&doc).unwrap_or_default(),
+    )
+    .expect("write the JSON report");
+    println!("JSON: {}", json_path.display());
+}
