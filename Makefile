@@ -6,7 +6,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PORT ?= 5555
 
-.PHONY: help setup dev test lint unit e2e fuzz bench bench-gateway bench-images bench-network bench-reliability install clean
+.PHONY: help setup dev test lint unit e2e fuzz bench bench-images bench-network bench-reliability install clean
 
 help:
 	@echo "make dev   - install what is needed, build, run moat (gateway on 127.0.0.1:$(PORT), dev mode)"
@@ -72,10 +72,6 @@ bench-reliability: setup
 	$(CARGO) build --locked --release -p moat-e2e --bin moat-bench-reliability
 	MOAT_BUILD_DIR=$(CURDIR)/build MOAT_BIN_DIR=$(CURDIR)/target/release target/release/moat-bench-reliability
 
-# Gateway throughput and latency with wrk (see tests/tests/gateway_bench.rs).
-bench-gateway: setup
-	MOAT_BUILD_DIR=$(CURDIR)/build MOAT_BIN_DIR=$(CURDIR)/target/release \
-	  $(CARGO) test --locked --release -p moat-e2e --test gateway_bench -- --ignored --nocapture
 
 # Installs moat under $(DESTDIR)$(PREFIX) (binaries, guest kernel, agent and
 # base image, systemd units, sysusers.d/tmpfiles.d entries, docs) and the

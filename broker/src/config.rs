@@ -415,6 +415,11 @@ impl Default for VmmConfig {
     }
 }
 
+/// Whether `p` is absolute and has no `..` component.
+fn absolute_without_dotdot(p: &std::path::Path) -> bool {
+    p.is_absolute() && !p.components().any(|c| c == std::path::Component::ParentDir)
+}
+
 /// Bounds of `limits.guest_pids_max`: enough for a shell pipeline, and
 /// below the guest kernel's `pid_max` so the agent always has pids left.
 pub const GUEST_PIDS_MIN: u32 = 16;
@@ -734,11 +739,7 @@ impl BrokerConfig {
             ));
         }
         if let Some(runner) = &self.vmm.runner {
-            if !runner.is_absolute()
-                || runner
-                    .components()
-                    .any(|c| c == std::path::Component::ParentDir)
-            {
+            if !absolute_without_dotdot(runner) {
                 return bad(format!(
                     "vmm.runner {runner:?} must be an absolute path without '..'"
                 ));
@@ -751,11 +752,7 @@ impl BrokerConfig {
             ));
         }
         let qemu = &self.vmm.qemu;
-        if !qemu.is_absolute()
-            || qemu
-                .components()
-                .any(|c| c == std::path::Component::ParentDir)
-        {
+        if !absolute_without_dotdot(qemu) {
             return bad(format!(
                 "vmm.qemu {qemu:?} must be an absolute path without '..'"
             ));
@@ -771,7 +768,7 @@ impl BrokerConfig {
                 .iter()
                 .map(|r| ("volumes.allowed_roots", r)),
         ) {
-            if !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
+            if !absolute_without_dotdot(p) {
                 return bad(format!(
                     "{what} {p:?} must be an absolute path without '..'"
                 ));

@@ -100,7 +100,7 @@ step "ready: build/broker.toml"
 
 # Gateway test tools: the official MCP inspector (its CLI drives /mcp in the
 # gateway_mcp e2e suite) cached under /var/cache/moat/npm, and wrk for
-# `make bench-gateway`.
+# `make bench` (the gateway next to nginx).
 step "gateway test tools: MCP inspector (npm, cached) and wrk"
 inspector_version=2.12.0
 npm_dir=/var/cache/moat/npm

@@ -25,6 +25,7 @@ pub mod bare_vm;
 pub mod registry;
 pub mod stats;
 pub mod testnet;
+pub mod wrk;
 
 static SERVERS: AtomicU32 = AtomicU32::new(0);
 

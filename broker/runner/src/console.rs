@@ -228,6 +228,28 @@ impl Console {
 mod tests {
     use super::*;
 
+    /// A console whose broker has attached, its relay running: the temp
+    /// dir, the socket, the broker's end, the guest's end and the relay.
+    fn attached() -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        UnixStream,
+        std::fs::File,
+        std::thread::JoinHandle<RelayEnd>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("console.sock");
+        let (mut console, write_end) = Console::bind(&sock).unwrap();
+        let broker = std::thread::spawn({
+            let sock = sock.clone();
+            move || UnixStream::connect(sock).unwrap()
+        });
+        console.wait_for_broker().unwrap();
+        let broker = broker.join().unwrap();
+        let relay = std::thread::spawn(move || console.relay());
+        (dir, sock, broker, std::fs::File::from(write_end), relay)
+    }
+
     #[test]
     fn the_panic_line_is_found_across_chunks() {
         let mut w = PanicWatch::default();
@@ -252,17 +274,7 @@ mod tests {
 
     #[test]
     fn output_reaches_the_connected_broker_and_is_dropped_without_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("console.sock");
-        let (mut console, write_end) = Console::bind(&sock).unwrap();
-        let broker = std::thread::spawn({
-            let sock = sock.clone();
-            move || UnixStream::connect(sock).unwrap()
-        });
-        console.wait_for_broker().unwrap();
-        let mut broker = broker.join().unwrap();
-        let relay = std::thread::spawn(move || console.relay());
-        let mut guest = std::fs::File::from(write_end);
+        let (_dir, sock, mut broker, mut guest, relay) = attached();
         guest.write_all(b"hello from the guest\n").unwrap();
         let mut got = vec![0u8; 21];
         broker.read_exact(&mut got).unwrap();
@@ -293,17 +305,7 @@ mod tests {
 
     #[test]
     fn a_broker_that_does_not_read_never_blocks_the_guest_and_gets_the_latest_output() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("console.sock");
-        let (mut console, write_end) = Console::bind(&sock).unwrap();
-        let broker = std::thread::spawn({
-            let sock = sock.clone();
-            move || UnixStream::connect(sock).unwrap()
-        });
-        console.wait_for_broker().unwrap();
-        let mut broker = broker.join().unwrap();
-        let relay = std::thread::spawn(move || console.relay());
-        let mut guest = std::fs::File::from(write_end);
+        let (_dir, _sock, mut broker, mut guest, relay) = attached();
         let started = Instant::now();
         for i in 0..1024u32 {
             let mut line = format!("line {i:08}").into_bytes();
@@ -330,18 +332,8 @@ mod tests {
 
     #[test]
     fn a_panic_is_reported_after_its_message_is_forwarded() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("console.sock");
-        let (mut console, write_end) = Console::bind(&sock).unwrap();
-        let broker = std::thread::spawn({
-            let sock = sock.clone();
-            move || UnixStream::connect(sock).unwrap()
-        });
-        console.wait_for_broker().unwrap();
-        let mut broker = broker.join().unwrap();
         let started = Instant::now();
-        let relay = std::thread::spawn(move || console.relay());
-        let mut guest = std::fs::File::from(write_end);
+        let (_dir, _sock, mut broker, mut guest, relay) = attached();
         guest
             .write_all(b"Kernel panic - not syncing: Attempted to kill init!\n")
             .unwrap();

@@ -173,7 +173,8 @@ mod tests {
         assert!(b.for_sandbox(false).describe().starts_with("libkrun"));
         assert!(b.for_sandbox(true).describe().starts_with("qemu-microvm"));
         assert!(
-            b.describe().contains("; sandboxes with volumes: qemu-microvm"),
+            b.describe()
+                .contains("; sandboxes with volumes: qemu-microvm"),
             "{}",
             b.describe()
         );

@@ -12,10 +12,13 @@
 //! - Memory: an idle sandbox's VM process RSS and cgroup usage; the broker's
 //!   and the gateway's RSS.
 //! - Throughput: start → `true` → stop cycles per minute with 4 clients.
+//! - Gateway: requests/s and p99 of `GET /api/v1/health` and an
+//!   authenticated `sandbox.metrics.get` under wrk, next to nginx serving a
+//!   small static file on the same machine at the same concurrency.
 //!
 //! Usage (root, after `make setup`):
-//! `moat-bench [--runs N] [--json FILE]` (default 10 runs,
-//! `target/moat-bench.json`).
+//! `moat-bench [--runs N] [--http-secs N] [--json FILE]` (default 10 runs,
+//! 10 s per wrk run, `target/moat-bench.json`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -23,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use moat_e2e::bare_vm::{BareImage, BareVm};
 use moat_e2e::stats::{summarise, Summary};
-use moat_e2e::{build_dir, Options, Server};
+use moat_e2e::wrk::{self, StaticNginx};
+use moat_e2e::{build_dir, free_port, Options, Server};
 use serde_json::{json, Value};
 
 /// Every figure of the run, by name, for the JSON file.
@@ -68,22 +72,107 @@ fn rss_mib(pid: i32) -> f64 {
         .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
-fn args() -> (usize, PathBuf) {
-    let mut runs = 10;
-    let mut json_path = PathBuf::from("target/moat-bench.json");
+struct Args {
+    runs: usize,
+    http_secs: u32,
+    json: PathBuf,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        runs: 10,
+        http_secs: 10,
+        json: PathBuf::from("target/moat-bench.json"),
+    };
     let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--runs" => runs = it.next().and_then(|v| v.parse().ok()).expect("--runs N"),
-            "--json" => json_path = it.next().map(PathBuf::from).expect("--json FILE"),
-            other => panic!("unknown argument {other:?}: moat-bench [--runs N] [--json FILE]"),
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--runs" => a.runs = it.next().and_then(|v| v.parse().ok()).expect("--runs N"),
+            "--http-secs" => {
+                a.http_secs = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--http-secs N")
+            }
+            "--json" => a.json = it.next().map(PathBuf::from).expect("--json FILE"),
+            other => panic!(
+                "unknown argument {other:?}: moat-bench [--runs N] [--http-secs N] [--json FILE]"
+            ),
         }
     }
-    (runs.max(2), json_path)
+    a.runs = a.runs.max(2);
+    a
+}
+
+/// Gateway requests under wrk next to nginx's static file, same load.
+fn gateway(f: &mut Figures, secs: u32) {
+    const CONNECTIONS: u32 = 16;
+    let s = Server::start_with(Options {
+        keys: true,
+        gateway_toml: "[limits]\nrequests_per_sec = 1000000000.0\nburst = 1000000000\nmax_concurrent_per_key = 10000\n".into(),
+        ..Options::default()
+    });
+    let key = s.keygen(&["*"], "1h");
+    let script = s.dir.path().join("metrics.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\n\
+             wrk.body = '{{\"jsonrpc\":\"2.0\",\"method\":\"sandbox.metrics.get\",\"params\":{{\"namespace\":\"*\"}},\"id\":1}}'\n\
+             wrk.headers[\"Content-Type\"] = \"application/json\"\n\
+             wrk.headers[\"Authorization\"] = \"Bearer {}\"\n",
+            key.token
+        ),
+    )
+    .expect("write the wrk script");
+    let nginx = StaticNginx::start(free_port());
+    let row = |f: &mut Figures, name: &str, load: wrk::Load| {
+        println!(
+            "{name:<52} {:>9.0} req/s  p50={:>7.2} ms  p99={:>7.2} ms",
+            load.requests_per_sec, load.p50_ms, load.p99_ms
+        );
+        f.0.insert(
+            name.to_string(),
+            json!({"requests_per_sec": load.requests_per_sec, "p50_ms": load.p50_ms, "p99_ms": load.p99_ms}),
+        );
+        load
+    };
+    let base = row(
+        f,
+        "nginx static file (baseline)",
+        wrk::run(&nginx.url, None, CONNECTIONS, secs),
+    );
+    let health = row(
+        f,
+        "GET /api/v1/health (broker Health call)",
+        wrk::run(&format!("{}/api/v1/health", s.url), None, CONNECTIONS, secs),
+    );
+    let metrics = row(
+        f,
+        "POST sandbox.metrics.get (key + broker)",
+        wrk::run(
+            &format!("{}/api/v1/rpc", s.url),
+            Some(&script),
+            CONNECTIONS,
+            secs,
+        ),
+    );
+    f.ratio(
+        "health req/s / nginx req/s",
+        health.requests_per_sec / base.requests_per_sec,
+    );
+    f.ratio(
+        "metrics.get req/s / nginx req/s",
+        metrics.requests_per_sec / base.requests_per_sec,
+    );
 }
 
 fn main() {
-    let (runs, json_path) = args();
+    let Args {
+        runs,
+        http_secs,
+        json: json_path,
+    } = args();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "moat benchmark: {runs} runs; load {}; backend as the broker chooses (MOAT_VMM={})",
@@ -256,6 +345,8 @@ fn main() {
         unjailed,
     );
     drop(u);
+
+    gateway(&mut f, http_secs);
 
     let doc = json!({
         "runs": runs,
