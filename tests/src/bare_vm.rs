@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use moat_broker::jail::{AGENT_SOCKET, CONSOLE_SOCKET, WRITABLE_DISK};
 use moat_broker::vmm::accel::HostFacts;
 use moat_broker::vmm::{detect_accel, Qemu, VmSpec, Vmm};
 use moat_proto::agent::{
@@ -84,7 +85,7 @@ impl BareVm {
             .prefix("moat-bare-vm.")
             .tempdir_in("/tmp")
             .expect("tempdir");
-        let rw = dir.path().join("rw.ext4");
+        let rw = dir.path().join(WRITABLE_DISK);
         // A sparse copy, as the broker makes a sparse disk per sandbox.
         let ok = Command::new("cp")
             .arg("--sparse=always")
@@ -98,8 +99,8 @@ impl BareVm {
             initramfs: files.dir.path().join("initramfs.cpio"),
             image_disk: files.image.clone(),
             writable_disk: rw,
-            agent_socket: dir.path().join("agent.sock"),
-            console_socket: dir.path().join("console.sock"),
+            agent_socket: dir.path().join(AGENT_SOCKET),
+            console_socket: dir.path().join(CONSOLE_SOCKET),
             memory_mib,
             cpus: 1,
             hostname: "bare".into(),
@@ -152,7 +153,8 @@ impl BareVm {
         // The rest of that reply.
         let mut rest = [0u8; 3];
         vm.agent.read_exact(&mut rest).expect("frame header");
-        let len = u32::from_be_bytes([first[0], rest[0], rest[1], rest[2]]) as usize;
+        let len = frame::body_len([first[0], rest[0], rest[1], rest[2]], MAX_FRAME)
+            .expect("frame length");
         let mut body = vec![0u8; len];
         vm.agent.read_exact(&mut body).expect("frame body");
         vm

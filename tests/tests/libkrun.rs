@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use moat_broker::cgroups::{CgroupLimits, CgroupManager};
 use moat_broker::console::ConsoleLog;
-use moat_broker::jail::{self, JailLayout, JailMode, JailSpec};
+use moat_broker::jail::{
+    self, JailLayout, JailMode, JailSpec, AGENT_SOCKET, CONSOLE_SOCKET, WRITABLE_DISK,
+};
 use moat_broker::vmm::accel::HostFacts;
 use moat_broker::vmm::select::kvm_unusable;
 use moat_broker::vmm::{Libkrun, VmSpec, Vmm};
@@ -150,7 +152,7 @@ fn the_jailed_runner_boots_our_kernel_to_its_banner() {
         let agent = fs::read(build.join("moat-agent")).unwrap();
         moat_broker::initramfs::write_initramfs(&mut fs::File::create(&initramfs).unwrap(), &agent)
             .unwrap();
-        let rw = vm_dir.join("rw.ext4");
+        let rw = vm_dir.join(WRITABLE_DISK);
         fs::File::create(&rw).unwrap().set_len(64 << 20).unwrap();
         for p in [&vm_dir, &rw] {
             std::os::unix::fs::chown(p, Some(uid), Some(uid)).unwrap();
@@ -166,9 +168,9 @@ fn the_jailed_runner_boots_our_kernel_to_its_banner() {
             kernel: layout.kernel.inside.clone(),
             initramfs: layout.initramfs.inside.clone(),
             image_disk: layout.image.inside.clone(),
-            writable_disk: layout.in_vm_dir("rw.ext4"),
-            agent_socket: layout.in_vm_dir("agent.sock"),
-            console_socket: layout.in_vm_dir("console.sock"),
+            writable_disk: layout.in_vm_dir(WRITABLE_DISK),
+            agent_socket: layout.in_vm_dir(AGENT_SOCKET),
+            console_socket: layout.in_vm_dir(CONSOLE_SOCKET),
             memory_mib: 256,
             cpus: 1,
             hostname: "smoke".into(),
@@ -241,7 +243,7 @@ fn the_jailed_runner_boots_our_kernel_to_its_banner() {
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         console
-            .attach(&vm_dir.join("console.sock"), uid, deadline)
+            .attach(&vm_dir.join(CONSOLE_SOCKET), uid, deadline)
             .await
             .unwrap_or_else(|e| panic!("{e}\n{}", console.tail(40)));
         let attached = started.elapsed();

@@ -4,6 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
+/// The VM's writable disk, in its VM directory.
+pub const WRITABLE_DISK: &str = "rw.ext4";
+/// The agent channel's socket the VMM serves, in its VM directory.
+pub const AGENT_SOCKET: &str = "agent.sock";
+/// The serial console's socket the VMM serves, in its VM directory.
+pub const CONSOLE_SOCKET: &str = "console.sock";
+
 /// One file or directory: its host path and its path inside the jail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placed {

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use tokio::process::Child;
 
 use crate::vmm::LaunchPlan;
-pub use layout::JailLayout;
+pub use layout::{JailLayout, AGENT_SOCKET, CONSOLE_SOCKET, WRITABLE_DISK};
 
 /// Errors setting up a jail.
 #[derive(Debug, thiserror::Error)]

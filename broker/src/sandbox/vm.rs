@@ -20,7 +20,9 @@ use crate::config::BrokerConfig;
 use crate::console::ConsoleLog;
 use crate::disk::create_writable_disk;
 use crate::error::BrokerError;
-use crate::jail::{self, JailLayout, JailMode, JailSpec};
+use crate::jail::{
+    self, JailLayout, JailMode, JailSpec, AGENT_SOCKET, CONSOLE_SOCKET, WRITABLE_DISK,
+};
 use crate::quota::{NamespacePermit, NamespaceQuota};
 use crate::slots::{Slot, SlotAllocator};
 use crate::vmm::{Backends, VmSpec};
@@ -437,7 +439,7 @@ async fn boot(
     // A leftover directory of this slot (crash) is removed first.
     let _ = tokio::fs::remove_dir_all(&res.dir).await;
     make_private_dir(&res.dir, uid, gid).map_err(|e| fail("cannot create the VM directory", &e))?;
-    let writable = res.dir.join("rw.ext4");
+    let writable = res.dir.join(WRITABLE_DISK);
     create_writable_disk(&writable, limits.writable_disk_mib, uid, gid)
         .await
         .map_err(|e| fail("cannot create the writable disk", &e))?;
@@ -464,9 +466,9 @@ async fn boot(
         image.disk.clone(),
         res.dir.clone(),
     );
-    debug_assert_eq!(layout.host_vm_file("rw.ext4"), writable);
-    let agent_socket = layout.host_vm_file("agent.sock");
-    let console_socket = layout.host_vm_file("console.sock");
+    debug_assert_eq!(layout.host_vm_file(WRITABLE_DISK), writable);
+    let agent_socket = layout.host_vm_file(AGENT_SOCKET);
+    let console_socket = layout.host_vm_file(CONSOLE_SOCKET);
     let root = ctx.jails_dir().join(res.slot.index.to_string());
     let _ = tokio::fs::remove_dir(&root).await;
     make_private_dir(&root, 0, 0).map_err(|e| fail("cannot create the jail root", &e))?;
@@ -507,9 +509,9 @@ async fn boot(
         kernel: layout.kernel.inside.clone(),
         initramfs: layout.initramfs.inside.clone(),
         image_disk: layout.image.inside.clone(),
-        writable_disk: layout.in_vm_dir("rw.ext4"),
-        agent_socket: layout.in_vm_dir("agent.sock"),
-        console_socket: layout.in_vm_dir("console.sock"),
+        writable_disk: layout.in_vm_dir(WRITABLE_DISK),
+        agent_socket: layout.in_vm_dir(AGENT_SOCKET),
+        console_socket: layout.in_vm_dir(CONSOLE_SOCKET),
         memory_mib: spec.memory_mib,
         cpus: spec.cpus,
         hostname: hostname.to_string(),
@@ -806,7 +808,7 @@ impl RunningVm {
     /// Bytes the writable disk occupies on the host (allocated blocks).
     pub fn disk_usage_bytes(&self) -> Option<u64> {
         // The VM process owns this directory: never follow a link in it.
-        let meta = std::fs::symlink_metadata(self.resources.dir.join("rw.ext4")).ok()?;
+        let meta = std::fs::symlink_metadata(self.resources.dir.join(WRITABLE_DISK)).ok()?;
         Some(std::os::unix::fs::MetadataExt::blocks(&meta) * 512)
     }
 
@@ -902,13 +904,13 @@ pub async fn adopt(
         let console_deadline = Instant::now() + ADOPT_CONSOLE_WAIT;
         let console = ConsoleLog::new(CONSOLE_BYTES);
         if let Err(e) = console
-            .attach(&res.dir.join("console.sock"), rec.uid, console_deadline)
+            .attach(&res.dir.join(CONSOLE_SOCKET), rec.uid, console_deadline)
             .await
         {
             tracing::warn!(sandbox = hostname, error = %e, "re-adopted without its console");
         }
         let (agent, _hello) = AgentClient::connect(
-            &res.dir.join("agent.sock"),
+            &res.dir.join(AGENT_SOCKET),
             rec.uid,
             limits.max_agent_frame_bytes as usize,
             deadline,

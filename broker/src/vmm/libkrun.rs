@@ -100,23 +100,12 @@ mod tests {
 
     fn spec() -> VmSpec {
         VmSpec {
-            kernel: "/boot/vmlinux".into(),
-            initramfs: "/boot/initramfs.cpio".into(),
-            image_disk: "/disk/image".into(),
-            writable_disk: "/vm/rw.ext4".into(),
-            agent_socket: "/vm/agent.sock".into(),
-            console_socket: "/vm/console.sock".into(),
-            memory_mib: 512,
-            cpus: 2,
-            hostname: "sb1".into(),
-            guest_pids_max: 4096,
             test_hooks: true,
-            disk_io: crate::disk::DiskIo::default(),
             nic: Some(crate::vmm::VmNic {
                 tap_fd: 3,
                 mac: "52:54:00:6d:00:01".into(),
             }),
-            shares: Vec::new(),
+            ..crate::vmm::sample_spec()
         }
     }
 

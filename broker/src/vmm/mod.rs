@@ -148,6 +148,27 @@ pub fn kernel_cmdline(spec: &VmSpec, backend_words: &[&str]) -> String {
     line
 }
 
+/// A spec as the broker makes one for a jailed VM, for backends' tests.
+#[cfg(test)]
+pub(crate) fn sample_spec() -> VmSpec {
+    VmSpec {
+        kernel: "/boot/vmlinux".into(),
+        initramfs: "/boot/initramfs.cpio".into(),
+        image_disk: "/disk/image".into(),
+        writable_disk: "/vm/rw.ext4".into(),
+        agent_socket: "/vm/agent.sock".into(),
+        console_socket: "/vm/console.sock".into(),
+        memory_mib: 512,
+        cpus: 2,
+        hostname: "sb1".into(),
+        guest_pids_max: 4096,
+        test_hooks: false,
+        disk_io: crate::disk::DiskIo::default(),
+        nic: None,
+        shares: Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -190,25 +190,16 @@ mod tests {
 
     fn spec() -> VmSpec {
         VmSpec {
-            kernel: "/k/vmlinux".into(),
-            initramfs: "/k/initramfs".into(),
+            // A ',' in a path must be doubled in QEMU's option syntax.
             image_disk: "/img/a,b.erofs".into(),
-            writable_disk: "/vm/0/rw.ext4".into(),
-            agent_socket: "/vm/0/agent.sock".into(),
             console_socket: "/vm/0/console.sock".into(),
-            memory_mib: 512,
-            cpus: 2,
-            hostname: "sb1".into(),
-            guest_pids_max: 4096,
-            test_hooks: false,
             disk_io: crate::disk::DiskIo {
                 read_bps: 1000,
                 write_bps: 0,
                 read_iops: 0,
                 write_iops: 7,
             },
-            nic: None,
-            shares: Vec::new(),
+            ..crate::vmm::sample_spec()
         }
     }
 
