@@ -15,6 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let agent = protox::compile(["agent.proto"], ["proto"])?;
     prost_build::Config::new()
         .out_dir(&out_dir)
+        // Keeps Setup, and so every HostMessage, small.
+        .boxed(".moat.agent.v1.Setup.identity")
         .compile_fds(agent)?;
 
     // Before broker.proto, whose generated file (with the gRPC service when

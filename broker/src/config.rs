@@ -10,7 +10,9 @@ use serde::Deserialize;
 use crate::network::firewall::{Ipv4Net, Scope};
 
 mod lifecycle;
+mod pool;
 pub use lifecycle::{LifecycleConfig, NamespaceLifetimes};
+pub use pool::{PoolConfig, PoolEntry, WARM_LANGUAGES};
 
 /// Errors loading or checking the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +63,7 @@ pub struct BrokerConfig {
     pub volumes: VolumesConfig,
     pub network: NetworkConfig,
     pub lifecycle: LifecycleConfig,
+    pub pool: PoolConfig,
     /// Per registry host (`"ghcr.io"`, `"127.0.0.1:5000"`): plain HTTP
     /// allowed, credentials.
     pub registries: BTreeMap<String, crate::images::registry::RegistryConfig>,
@@ -370,6 +373,7 @@ impl Default for BrokerConfig {
             volumes: VolumesConfig::default(),
             network: NetworkConfig::default(),
             lifecycle: LifecycleConfig::default(),
+            pool: PoolConfig::default(),
             registries: BTreeMap::new(),
         }
     }
@@ -643,6 +647,9 @@ impl BrokerConfig {
             return bad(format!("state_dir {:?} must be absolute", self.state_dir));
         }
         self.lifecycle.validate().map_err(ConfigError::Invalid)?;
+        self.pool
+            .validate(&self.limits, self.sandbox_ids.count)
+            .map_err(ConfigError::Invalid)?;
         if let Some(socket_dir) = self.socket.parent() {
             if self.state_dir.starts_with(socket_dir) {
                 return bad(format!(

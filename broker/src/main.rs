@@ -244,6 +244,7 @@ async fn run(config: BrokerConfig) -> Result<()> {
         "state recovered"
     );
     sweep_leftovers(sandboxes.context(), &adopted);
+    sandboxes.start_pool();
 
     let service = BrokerService::new(sandboxes.clone(), vmm.describe());
 

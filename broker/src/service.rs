@@ -87,6 +87,7 @@ impl Broker for BrokerService {
             version: env!("CARGO_PKG_VERSION").to_string(),
             vmm: self.vmm.clone(),
             running_sandboxes: self.sandboxes.running(),
+            pools: self.sandboxes.pool_status(),
         }))
     }
 

@@ -163,13 +163,14 @@ pub fn dispatch(msg: HostMessage) -> GuestMessage {
         Some(Request::Exec(req)) => or_failure(exec::run(&req), Reply::Exec),
         Some(Request::Repl(req)) => or_failure(repl::run(&req), Reply::Repl),
         Some(Request::Setup(req)) => or_failure(setup::run(&req), Reply::Setup),
+        Some(Request::Warm(req)) => or_failure(repl::warm(&req), Reply::Warm),
         Some(Request::Shutdown(_)) => Reply::Failure(Failure {
             message: "shutdown is not a request with a reply".to_owned(),
         }),
         None => Reply::Failure(Failure {
             message: format!(
                 "empty or unknown request (this agent speaks protocol {PROTOCOL_VERSION}: \
-                 hello, exec, repl, setup, shutdown)"
+                 hello, exec, repl, setup, warm, shutdown)"
             ),
         }),
     };

@@ -4,7 +4,8 @@
 //!
 //! Modules: [`pid1`] boot sequence and reaper; [`rootfs`] mounts and root
 //! switch; [`initramfs`] freeing it; [`discover`] sysfs device lookup;
-//! [`host`] hostname and loopback; [`channel`] the framed request server;
+//! [`host`] hostname and loopback; [`identity`] a sandbox's hostname,
+//! machine id and entropy; [`channel`] the framed request server;
 //! [`exec`] running commands; [`repl`] REPL sessions; [`setup`] the setup
 //! request (volumes, NIC, scripts, the background process); [`mounts`] 9p
 //! volumes; [`netconf`] the sandbox NIC, resolv.conf and hosts; [`testhook`]
@@ -18,6 +19,7 @@ mod error;
 mod exec;
 mod fd;
 mod host;
+mod identity;
 mod initramfs;
 mod log;
 mod mounts;

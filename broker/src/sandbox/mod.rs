@@ -5,9 +5,11 @@
 //! without holding that lock.
 
 mod exec;
+mod identity;
 mod image;
 mod journal;
 mod lifetimes;
+mod pool;
 mod process;
 pub mod spec;
 mod vm;
@@ -96,6 +98,7 @@ struct Entry {
 #[derive(Debug)]
 pub struct Sandboxes {
     ctx: Arc<LaunchContext>,
+    pool: Arc<pool::Pool>,
     entries: Mutex<HashMap<SandboxKey, Arc<AsyncMutex<Entry>>>>,
     /// Each definition's `depends_on`, readable without the entry locks
     /// (for ordering and cycle checks).
@@ -108,9 +111,11 @@ pub struct Sandboxes {
 impl Sandboxes {
     pub fn new(ctx: LaunchContext) -> Self {
         let starts = ctx.config.limits.max_starts_in_progress as usize;
+        let ctx = Arc::new(ctx);
         Self {
             starting: Arc::new(tokio::sync::Semaphore::new(starts)),
-            ctx: Arc::new(ctx),
+            pool: Arc::new(pool::Pool::new(ctx.clone())),
+            ctx,
             entries: Mutex::new(HashMap::new()),
             dependencies: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
@@ -119,6 +124,16 @@ impl Sandboxes {
 
     pub fn context(&self) -> &LaunchContext {
         &self.ctx
+    }
+
+    /// Starts filling the warm pools (after the start-up sweep).
+    pub fn start_pool(&self) {
+        self.pool.start();
+    }
+
+    /// The warm pools' state and counters.
+    pub fn pool_status(&self) -> Vec<moat_proto::broker::PoolStatus> {
+        self.pool.status()
     }
 
     fn entry(&self, key: &SandboxKey) -> Arc<AsyncMutex<Entry>> {
@@ -344,7 +359,15 @@ impl Sandboxes {
             r.owner_key_id = caller_key_id.to_owned();
             r.stop_reason.clear();
         });
-        let launched = vm::launch(&self.ctx, &key.namespace, &key.name, spec, &mut journal).await;
+        let launched = vm::launch(
+            &self.ctx,
+            Some(&self.pool),
+            &key.namespace,
+            &key.name,
+            spec,
+            &mut journal,
+        )
+        .await;
         e.record = Some(journal.into_record());
         let vm = launched?;
         tracing::info!(
@@ -568,6 +591,8 @@ impl Sandboxes {
     /// as they are for the next broker to re-adopt.
     pub async fn shutdown(&self, stop_vms: bool) {
         self.shutting_down.store(true, Ordering::SeqCst);
+        // Pool VMs are nobody's sandbox: never left running.
+        self.pool.shutdown().await;
         if !stop_vms {
             tracing::info!(
                 running = self.running(),

@@ -33,6 +33,9 @@ use super::spec::SandboxSpec;
 
 /// Bytes of console output kept per VM.
 const CONSOLE_BYTES: usize = 64 << 10;
+/// How long a pool VM's interpreters may take to start: the guest allows
+/// each 30 s, and there are at most two.
+const WARM_WAIT: Duration = Duration::from_secs(75);
 /// Console lines quoted in a failed start's error.
 const CONSOLE_LINES_IN_ERRORS: usize = 15;
 
@@ -118,8 +121,9 @@ struct VmResources {
     dir: PathBuf,
     cgroup: Option<Cgroup>,
     network: Option<crate::network::SandboxNetwork>,
-    _permit: OwnedSemaphorePermit,
-    _namespace_permit: NamespacePermit,
+    /// The sandbox's places under `limits.max_sandboxes` and its
+    /// namespace's limit; a pool VM has none until it is claimed.
+    permits: Option<(OwnedSemaphorePermit, NamespacePermit)>,
 }
 
 impl VmResources {
@@ -256,10 +260,11 @@ fn vm_owner(ctx: &LaunchContext, spec: &SandboxSpec, slot: Slot) -> (u32, u32) {
     }
 }
 
-/// Launches a VM for `spec` and waits for its agent, keeping `journal`
-/// in step (see `journal.rs`).
+/// Launches a VM for `spec` (or claims a ready one from `pool`) and waits
+/// for its agent, keeping `journal` in step (see `journal.rs`).
 pub async fn launch(
     ctx: &LaunchContext,
+    pool: Option<&super::pool::Pool>,
     namespace: &str,
     hostname: &str,
     spec: SandboxSpec,
@@ -279,65 +284,91 @@ pub async fn launch(
             limits.max_sandboxes
         ))
     })?;
-    let slot = ctx.slots.take().ok_or_else(|| {
-        BrokerError::Busy("no free sandbox uid; stop a sandbox or retry later".into())
-    })?;
-    let dir = ctx.vms_dir().join(slot.index.to_string());
-    let mut res = VmResources {
-        slot,
-        dir,
-        cgroup: None,
-        network: None,
-        _permit: permit,
-        _namespace_permit: namespace_permit,
+    let claimed = match pool {
+        Some(pool) => pool.take(&spec, &image).await,
+        None => None,
     };
-    let (uid, gid) = vm_owner(ctx, &spec, slot);
-    let booted = async {
-        if !spec.volumes.is_empty() && ctx.jail_mode == JailMode::Unjailed {
-            return Err(BrokerError::InvalidArgument(
-                "volumes need the jail, and this server runs development_unjailed; remove config.volumes".into(),
-            ));
+    let from_pool = claimed.is_some();
+    let (res, booted, (uid, gid)) = match claimed {
+        Some(vm) => {
+            let mut res = vm.resources;
+            res.permits = Some((permit, namespace_permit));
+            let owner = (vm.uid, vm.gid);
+            let recorded = journal
+                .save(|r| r.vm = Some(starting_record(res.slot, owner)))
+                .await;
+            let booted = match recorded {
+                Ok(()) => {
+                    tracing::info!(
+                        sandbox = hostname,
+                        slot = res.slot.index,
+                        "claimed a VM from the warm pool"
+                    );
+                    Ok(vm.booted)
+                }
+                Err(e) => {
+                    kill_and_wait(&res, vm.booted.exit).await;
+                    Err(e)
+                }
+            };
+            (res, booted, owner)
         }
-        let volumes = open_volumes(ctx, namespace, &spec)?;
-        journal
-            .save(|r| {
-                r.vm = Some(VmRecord {
-                    phase: Phase::Starting as i32,
-                    slot: slot.index,
-                    uid,
-                    gid,
-                    ..Default::default()
-                })
-            })
-            .await?;
-        if spec.has_nic() {
-            let attach_started = Instant::now();
-            let net = ctx
-                .network
-                .attach(namespace, hostname, slot.index, spec.scope, &spec.ports)
-                .await
-                .map_err(|e| {
-                    if e.is_caller_error() {
-                        BrokerError::InvalidArgument(e.to_string())
-                    } else {
-                        BrokerError::Failed(format!("cannot set up the sandbox's network: {e}"))
-                    }
-                })?;
-            tracing::info!(
-                sandbox = hostname,
-                scope = %spec.scope,
-                address = %net.nic.guest_addr,
-                tap = %net.nic.ifname,
-                attach_us = attach_started.elapsed().as_micros() as u64,
-                "network attached"
-            );
-            res.network = Some(net);
+        None => {
+            let slot = ctx.slots.take().ok_or_else(|| {
+                BrokerError::Busy("no free sandbox uid; stop a sandbox or retry later".into())
+            })?;
+            let mut res = VmResources {
+                slot,
+                dir: ctx.vms_dir().join(slot.index.to_string()),
+                cgroup: None,
+                network: None,
+                permits: Some((permit, namespace_permit)),
+            };
+            let owner = vm_owner(ctx, &spec, slot);
+            let booted = boot_cold(
+                ctx, namespace, hostname, &spec, &image, &mut res, owner, journal,
+            )
+            .await;
+            (res, booted, owner)
         }
-        boot(ctx, hostname, &image, &mut res, volumes, (uid, gid)).await
-    }
-    .await;
+    };
+    let slot = res.slot;
+    let ready = match booted {
+        Ok(parts) => {
+            let network = res.network.as_ref().map(|net| guest_network(ctx, net));
+            let wait = Duration::from_secs(u64::from(limits.boot_timeout_secs));
+            let done = match super::identity::fresh(hostname) {
+                Ok(identity) => {
+                    setup(
+                        &parts.agent,
+                        &image.effective,
+                        limits.background_log_bytes,
+                        wait,
+                        network,
+                        identity,
+                    )
+                    .await
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match done {
+                Ok(()) => Ok(parts),
+                Err(e) => {
+                    kill_and_wait(&res, parts.exit).await;
+                    Err(start_failed(
+                        hostname,
+                        &format!(
+                            "sandbox setup (identity, volumes, network, scripts, exec) failed: {e}"
+                        ),
+                        &parts.console,
+                    ))
+                }
+            }
+        }
+        Err(e) => Err(e),
+    };
     let started_at = std::time::SystemTime::now();
-    let recorded = match booted {
+    let recorded = match ready {
         Ok(parts) => {
             let identity = parts.identity.unwrap_or(ProcessIdentity {
                 pid: 0,
@@ -356,10 +387,7 @@ pub async fn launch(
             match journal.save(|r| r.vm = Some(running)).await {
                 Ok(()) => Ok(parts),
                 Err(e) => {
-                    if let Some(cg) = &res.cgroup {
-                        cg.kill_all();
-                    }
-                    let _ = timeout(Duration::from_secs(5), wait_exit(parts.exit)).await;
+                    kill_and_wait(&res, parts.exit).await;
                     Err(e)
                 }
             }
@@ -367,20 +395,25 @@ pub async fn launch(
         Err(e) => Err(e),
     };
     match recorded {
-        Ok(parts) => Ok(RunningVm {
-            cpu_percent: spawn_cpu_sampler(res.cgroup.clone(), parts.exit.clone()),
-            stopping: report_unexpected_exit(hostname, parts.exit.clone(), parts.console),
-            started_at,
-            spec,
-            effective: image.effective,
-            agent: parts.agent,
-            exit: parts.exit,
-            pid: parts.identity.map(|i| i.pid),
-            calls: Arc::new(Semaphore::new(limits.max_calls_per_sandbox as usize)),
-            repl_sessions: Default::default(),
-            last_used: Arc::new(AtomicU64::new(crate::state::now_ms())),
-            resources: res,
-        }),
+        Ok(parts) => {
+            if from_pool {
+                tracing::info!(sandbox = hostname, "sandbox set up in a warm-pool VM");
+            }
+            Ok(RunningVm {
+                cpu_percent: spawn_cpu_sampler(res.cgroup.clone(), parts.exit.clone()),
+                stopping: report_unexpected_exit(hostname, parts.exit.clone(), parts.console),
+                started_at,
+                spec,
+                effective: image.effective,
+                agent: parts.agent,
+                exit: parts.exit,
+                pid: parts.identity.map(|i| i.pid),
+                calls: Arc::new(Semaphore::new(limits.max_calls_per_sandbox as usize)),
+                repl_sessions: Default::default(),
+                last_used: Arc::new(AtomicU64::new(crate::state::now_ms())),
+                resources: res,
+            })
+        }
         Err(e) => {
             if let Err(cleanup) = res.release(ctx).await {
                 tracing::error!(%cleanup, "cleanup after failed start");
@@ -394,12 +427,212 @@ pub async fn launch(
     }
 }
 
+/// The record of a VM being started in `slot` for `owner`.
+fn starting_record(slot: Slot, (uid, gid): (u32, u32)) -> VmRecord {
+    VmRecord {
+        phase: Phase::Starting as i32,
+        slot: slot.index,
+        uid,
+        gid,
+        ..Default::default()
+    }
+}
+
+/// Kills what runs in the VM's cgroup and waits (bounded) for the VM
+/// process to be gone.
+async fn kill_and_wait(res: &VmResources, exit: ExitWatch) {
+    if let Some(cg) = &res.cgroup {
+        cg.kill_all();
+    }
+    let _ = timeout(Duration::from_secs(5), wait_exit(exit)).await;
+}
+
+/// A failed start's error, with the console's last lines.
+fn start_failed(hostname: &str, cause: &str, console: &ConsoleLog) -> BrokerError {
+    let tail = console.tail(CONSOLE_LINES_IN_ERRORS);
+    BrokerError::Failed(format!(
+        "sandbox {hostname} failed to start: {cause}; console: {}",
+        if tail.is_empty() {
+            "(empty)".to_string()
+        } else {
+            tail
+        }
+    ))
+}
+
+/// A cold start's steps up to the agent's answer: the STARTING record, the
+/// volumes and the network, then the boot.
+#[allow(clippy::too_many_arguments)]
+async fn boot_cold(
+    ctx: &LaunchContext,
+    namespace: &str,
+    hostname: &str,
+    spec: &SandboxSpec,
+    image: &super::image::PreparedImage,
+    res: &mut VmResources,
+    owner: (u32, u32),
+    journal: &mut Journal,
+) -> Result<Booted, BrokerError> {
+    if !spec.volumes.is_empty() && ctx.jail_mode == JailMode::Unjailed {
+        return Err(BrokerError::InvalidArgument(
+            "volumes need the jail, and this server runs development_unjailed; remove config.volumes".into(),
+        ));
+    }
+    let volumes = open_volumes(ctx, namespace, spec)?;
+    journal
+        .save(|r| r.vm = Some(starting_record(res.slot, owner)))
+        .await?;
+    if spec.has_nic() {
+        let attach_started = Instant::now();
+        let net = ctx
+            .network
+            .attach(namespace, hostname, res.slot.index, spec.scope, &spec.ports)
+            .await
+            .map_err(|e| {
+                if e.is_caller_error() {
+                    BrokerError::InvalidArgument(e.to_string())
+                } else {
+                    BrokerError::Failed(format!("cannot set up the sandbox's network: {e}"))
+                }
+            })?;
+        tracing::info!(
+            sandbox = hostname,
+            scope = %spec.scope,
+            address = %net.nic.guest_addr,
+            tap = %net.nic.ifname,
+            attach_us = attach_started.elapsed().as_micros() as u64,
+            "network attached"
+        );
+        res.network = Some(net);
+    }
+    boot(ctx, hostname, image, res, volumes, owner).await
+}
+
+/// A warm-pool VM: booted in its own slot, jailed, its agent answering and
+/// its interpreters warmed; no sandbox, permits, NIC or volumes yet.
+#[derive(Debug)]
+pub struct PooledVm {
+    /// The image disk it booted (a claim must want the same one).
+    pub image_disk: PathBuf,
+    uid: u32,
+    gid: u32,
+    booted: Booted,
+    resources: VmResources,
+}
+
+impl PooledVm {
+    /// Whether the VM process still runs.
+    pub fn is_alive(&self) -> bool {
+        self.booted.exit.borrow().is_none()
+    }
+
+    /// Whether its agent answers a Hello within `wait`.
+    pub async fn answers(&self, wait: Duration) -> bool {
+        let hello = host_message::Body::Hello(moat_proto::agent::Hello {
+            protocol_version: moat_proto::agent::PROTOCOL_VERSION,
+        });
+        matches!(
+            self.booted.agent.call(hello, wait).await,
+            Ok(reply) if matches!(reply.body, Some(guest_message::Body::Hello(_)))
+        )
+    }
+
+    /// The console's last lines (why it died, when it did).
+    pub fn console_tail(&self) -> String {
+        self.booted.console.tail(CONSOLE_LINES_ON_EXIT)
+    }
+
+    /// Kills the VM and releases everything it held.
+    pub async fn destroy(self, ctx: &LaunchContext) -> Result<(), BrokerError> {
+        kill_and_wait(&self.resources, self.booted.exit).await;
+        self.resources.release(ctx).await
+    }
+}
+
+/// Boots a VM for the warm pool: the image `spec` names, at its size, with
+/// no NIC or volumes, then starts the interpreters of `warm`. Named
+/// `pool-<slot>` until a sandbox claims it.
+pub async fn boot_pooled(
+    ctx: &LaunchContext,
+    spec: &SandboxSpec,
+    warm: &[String],
+) -> Result<PooledVm, BrokerError> {
+    let image = super::image::prepare(ctx, "warm pool", spec).await?;
+    let slot = ctx.slots.take().ok_or_else(|| {
+        BrokerError::Busy("no free sandbox uid for a pool VM (sandbox_ids.count)".into())
+    })?;
+    let mut res = VmResources {
+        slot,
+        dir: ctx.vms_dir().join(slot.index.to_string()),
+        cgroup: None,
+        network: None,
+        permits: None,
+    };
+    let owner = (slot.uid, slot.uid);
+    let name = format!("pool-{}", slot.index);
+    let booted = match boot(ctx, &name, &image, &mut res, Vec::new(), owner).await {
+        Ok(b) => b,
+        Err(e) => {
+            if let Err(cleanup) = res.release(ctx).await {
+                tracing::error!(%cleanup, "cleanup after a failed pool boot");
+            }
+            return Err(e);
+        }
+    };
+    if !warm.is_empty() {
+        let eff = &image.effective;
+        let req = moat_proto::agent::Warm {
+            languages: warm.to_vec(),
+            env: super::exec::command_env(eff, &[]),
+            workdir: eff.workdir.clone().unwrap_or_else(|| "/".into()),
+            user: eff.user.clone().unwrap_or_default(),
+        };
+        let wait = WARM_WAIT;
+        match booted.agent.call(host_message::Body::Warm(req), wait).await {
+            Ok(reply) => match reply.body {
+                Some(guest_message::Body::Warm(w)) => {
+                    tracing::debug!(pool_vm = name, started = ?w.started, "interpreters warm")
+                }
+                _ => tracing::warn!(
+                    pool_vm = name,
+                    reply = %crate::agent::unexpected(&reply),
+                    "interpreters not warmed (the image may lack them); the first cell starts one"
+                ),
+            },
+            Err(e) => {
+                let vm = PooledVm {
+                    image_disk: image.disk.clone(),
+                    uid: owner.0,
+                    gid: owner.1,
+                    booted,
+                    resources: res,
+                };
+                let tail = vm.console_tail();
+                if let Err(cleanup) = vm.destroy(ctx).await {
+                    tracing::error!(%cleanup, "cleanup after a failed pool warm-up");
+                }
+                return Err(BrokerError::Failed(format!(
+                    "pool VM {name}: warming the interpreters failed: {e}; console: {tail}"
+                )));
+            }
+        }
+    }
+    Ok(PooledVm {
+        image_disk: image.disk.clone(),
+        uid: owner.0,
+        gid: owner.1,
+        booted,
+        resources: res,
+    })
+}
+
 fn unix_ms(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
+#[derive(Debug)]
 struct Booted {
     agent: AgentClient,
     exit: ExitWatch,
@@ -598,29 +831,6 @@ async fn boot(
         r = handshake => r,
         status = wait_exit(exit_rx.clone()) => Err(format!("{status} during boot")),
     };
-    let outcome = match outcome {
-        Ok((agent, hello)) => {
-            let remaining = deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_secs(5));
-            let network = res.network.as_ref().map(|net| guest_network(ctx, net));
-            match setup(
-                &agent,
-                spec,
-                limits.background_log_bytes,
-                remaining,
-                network,
-            )
-            .await
-            {
-                Ok(()) => Ok((agent, hello)),
-                Err(e) => Err(format!(
-                    "sandbox setup (volumes, network, scripts, exec) failed: {e}"
-                )),
-            }
-        }
-        Err(e) => Err(e),
-    };
     match outcome {
         Ok((agent, hello)) => {
             tracing::info!(
@@ -639,39 +849,22 @@ async fn boot(
             })
         }
         Err(cause) => {
-            if let Some(cg) = &res.cgroup {
-                cg.kill_all();
-            }
-            let _ = timeout(Duration::from_secs(5), wait_exit(exit_rx)).await;
-            let tail = console.tail(CONSOLE_LINES_IN_ERRORS);
-            Err(BrokerError::Failed(format!(
-                "sandbox {hostname} failed to start: {cause}; console: {}",
-                if tail.is_empty() {
-                    "(empty)".to_string()
-                } else {
-                    tail
-                }
-            )))
+            kill_and_wait(res, exit_rx).await;
+            Err(start_failed(hostname, &cause, &console))
         }
     }
 }
 
-/// Writes the sandbox's scripts into the guest and starts its background
-/// `exec` / `start` script.
+/// Gives the guest its identity, mounts, network and scripts and starts
+/// its background `exec` / `start` script.
 async fn setup(
     agent: &AgentClient,
     spec: &SandboxSpec,
     log_max_bytes: u64,
     wait: Duration,
     network: Option<moat_proto::agent::Network>,
+    identity: moat_proto::agent::Identity,
 ) -> Result<(), String> {
-    if spec.scripts.is_empty()
-        && spec.exec.is_none()
-        && spec.volumes.is_empty()
-        && network.is_none()
-    {
-        return Ok(());
-    }
     let body = host_message::Body::Setup(Setup {
         scripts: spec
             .scripts
@@ -699,6 +892,7 @@ async fn setup(
             })
             .collect(),
         network,
+        identity: Some(Box::new(identity)),
     });
     match agent.call(body, wait).await {
         Ok(reply) => match reply.body {
@@ -885,8 +1079,7 @@ pub async fn adopt(
         dir,
         cgroup,
         network: None,
-        _permit: permit,
-        _namespace_permit: namespace_permit,
+        permits: Some((permit, namespace_permit)),
     };
     let adopted = async {
         let expected = vm_owner(ctx, &spec, slot);

@@ -227,20 +227,102 @@ fn histograms<'a>(
     }
 }
 
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The broker's warm pools: one series per pool and measure.
+pub fn render_pools(pools: &[moat_proto::broker::PoolStatus]) -> String {
+    let mut out = String::new();
+    if pools.is_empty() {
+        return out;
+    }
+    type Field = fn(&moat_proto::broker::PoolStatus) -> u64;
+    let series: [(&str, &str, &str, Field); 8] = [
+        (
+            "moat_pool_target",
+            "gauge",
+            "VMs each warm pool keeps ready.",
+            |p| u64::from(p.target),
+        ),
+        (
+            "moat_pool_ready",
+            "gauge",
+            "Warm-pool VMs ready to be claimed.",
+            |p| u64::from(p.ready),
+        ),
+        (
+            "moat_pool_booting",
+            "gauge",
+            "Warm-pool VMs booting.",
+            |p| u64::from(p.booting),
+        ),
+        (
+            "moat_pool_hits_total",
+            "counter",
+            "Starts served by a warm-pool VM.",
+            |p| p.hits,
+        ),
+        (
+            "moat_pool_misses_total",
+            "counter",
+            "Starts a pool could serve that booted cold (none ready).",
+            |p| p.misses,
+        ),
+        (
+            "moat_pool_refills_total",
+            "counter",
+            "Warm-pool VMs booted.",
+            |p| p.refills,
+        ),
+        (
+            "moat_pool_refill_seconds_total",
+            "counter",
+            "Boot time (start to ready) of the warm-pool VMs booted, summed.",
+            |p| p.refill_ms_total,
+        ),
+        (
+            "moat_pool_failures_total",
+            "counter",
+            "Warm-pool VMs that failed to boot or died while waiting.",
+            |p| p.failures,
+        ),
+    ];
+    for (name, kind, help, field) in series {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for p in pools {
+            let value = field(p);
+            let pool = label(&p.name);
+            if name == "moat_pool_refill_seconds_total" {
+                let _ = writeln!(out, "{name}{{pool=\"{pool}\"}} {}", value as f64 / 1000.0);
+            } else {
+                let _ = writeln!(out, "{name}{{pool=\"{pool}\"}} {value}");
+            }
+        }
+    }
+    out
+}
+
 /// `GET /metrics`.
 pub async fn handler(State(state): State<AppState>) -> impl IntoResponse {
-    let running = state
+    let health = state
         .broker()
         .health(state.deadlines().health.min(Duration::from_secs(2)))
         .await
-        .ok()
-        .map(|reply| reply.running_sandboxes);
+        .ok();
     let calls = state.broker().calls();
-    let body = state.metrics().render(
-        running,
+    let mut body = state.metrics().render(
+        health.as_ref().map(|reply| reply.running_sandboxes),
         state.sessions().len(),
         (calls.in_flight(), calls.max()),
     );
+    if let Some(health) = &health {
+        body.push_str(&render_pools(&health.pools));
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -253,6 +335,39 @@ pub async fn handler(State(state): State<AppState>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pools_render_one_series_per_pool_with_escaped_names() {
+        let pools = [moat_proto::broker::PoolStatus {
+            name: "py\"thon 512MiB 1cpu".into(),
+            target: 2,
+            ready: 1,
+            booting: 1,
+            hits: 5,
+            misses: 3,
+            refills: 6,
+            refill_ms_total: 12_500,
+            failures: 0,
+        }];
+        let text = render_pools(&pools);
+        assert!(
+            text.contains("moat_pool_ready{pool=\"py\\\"thon 512MiB 1cpu\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("moat_pool_hits_total{pool=") && text.contains("} 5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("moat_pool_refill_seconds_total{pool=\"py\\\"thon 512MiB 1cpu\"} 12.5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE moat_pool_misses_total counter"),
+            "{text}"
+        );
+        assert!(render_pools(&[]).is_empty());
+    }
 
     #[test]
     fn renders_counters_histograms_and_gauges() {

@@ -1,6 +1,13 @@
 //! REPL sessions (`Repl` requests): one interpreter per language per VM,
-//! started lazily on the first cell, kept between cells; cells of one
-//! language run one at a time (a mutex per language; a second call waits).
+//! started lazily on the first cell (or ahead of it by `Warm`, in a warm-pool
+//! VM), kept between cells; cells of one language run one at a time (a mutex
+//! per language; a second call waits).
+//!
+//! A warm interpreter serves the first cell only if that cell asks for the
+//! env, workdir and user it was started with; otherwise it is killed and a
+//! new one started as for any first cell, so warming never changes what a
+//! cell sees. A warm interpreter that died before its first cell is replaced
+//! without a note: no state of the sandbox's was lost.
 //!
 //! # The control channel
 //!
@@ -62,7 +69,7 @@ mod tests;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use moat_proto::agent::{OutputLine, Repl, ReplResult, ReplStatus, Stream};
+use moat_proto::agent::{OutputLine, Repl, ReplResult, ReplStatus, Stream, Warm, WarmResult};
 
 use crate::error::Result;
 use crate::exec::MAX_LINES;
@@ -109,6 +116,11 @@ pub fn run(req: &Repl) -> Result<ReplResult> {
     REGISTRY.run(req)
 }
 
+/// Starts the interpreters `req` names ahead of their first cell.
+pub fn warm(req: &Warm) -> Result<WarmResult> {
+    REGISTRY.warm(req)
+}
+
 impl Registry {
     /// No sessions yet.
     pub const fn new() -> Self {
@@ -133,6 +145,37 @@ impl Registry {
         let mut slot = self.slot(spec.flavor);
         run_in(&mut slot, &spec)
     }
+
+    /// Starts an interpreter for each language of `req` that has none yet,
+    /// with `req`'s env, workdir and user. `Err` names the first that could
+    /// not start (those before it keep running).
+    pub fn warm(&self, req: &Warm) -> Result<WarmResult> {
+        if req.languages.len() > 2 {
+            return Err(crate::error::AgentError::BadRequest(format!(
+                "warm: {} languages given; there are two (python, nodejs)",
+                req.languages.len()
+            )));
+        }
+        let mut started = Vec::new();
+        for language in &req.languages {
+            let as_repl = Repl {
+                language: language.clone(),
+                env: req.env.clone(),
+                workdir: req.workdir.clone(),
+                user: req.user.clone(),
+                ..Repl::default()
+            };
+            let spec = ReplSpec::parse(&as_repl)?;
+            let mut slot = self.slot(spec.flavor);
+            if slot.is_none() {
+                let (mut session, _startup) = Session::start(&spec)?;
+                session.warm_for = Some(spec.start_params());
+                *slot = Some(session);
+            }
+            started.push(spec.flavor.name.to_owned());
+        }
+        Ok(WarmResult { started })
+    }
 }
 
 fn note(text: String) -> OutputLine {
@@ -155,6 +198,13 @@ fn run_in(slot: &mut Option<Session>, spec: &ReplSpec<'_>) -> Result<ReplResult>
     let name = spec.flavor.name;
     let mut before = Vec::new();
     let mut state_lost = false;
+    if let Some(warm_for) = slot.as_mut().and_then(|s| s.warm_for.take()) {
+        let dead = slot.as_mut().and_then(Session::exited_between_cells);
+        if dead.is_some() || warm_for != spec.start_params() {
+            // Dropping the session kills it.
+            *slot = None;
+        }
+    }
     if let Some(status) = slot.as_mut().and_then(Session::exited_between_cells) {
         *slot = None;
         state_lost = true;

@@ -18,7 +18,7 @@ use nix::unistd::Pid;
 
 use super::pipes::{Event, Pipes};
 use super::spawn;
-use super::spec::ReplSpec;
+use super::spec::{ReplSpec, StartParams};
 use super::{KILL_WAIT, START_TIMEOUT};
 use crate::error::{AgentError, Result};
 use crate::fd;
@@ -48,12 +48,15 @@ pub struct Session {
     /// `None` once reaped (or handed to a reaper thread).
     child: Option<Child>,
     /// The interpreter's pid, which is also its process group id.
-    pid: Pid,
+    pub(super) pid: Pid,
     pidfd: Option<OwnedFd>,
     pub(super) pipes: Pipes,
     pub(super) next_id: u64,
     /// Its workload group; removed (once empty) after the session.
     group: Option<Group>,
+    /// Set for an interpreter started by `Warm` until its first cell: what
+    /// it was started with.
+    pub(super) warm_for: Option<StartParams>,
 }
 
 /// SIGKILL to the interpreter's process group, and to its workload group
@@ -134,6 +137,7 @@ impl Session {
             pipes,
             next_id: 1,
             group,
+            warm_for: None,
         };
         let mut out = Collector::new(STARTUP_OUTPUT, 1000);
         let deadline = Instant::now() + START_TIMEOUT;

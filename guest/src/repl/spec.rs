@@ -33,6 +33,30 @@ pub struct ReplSpec<'a> {
     pub user: &'a str,
 }
 
+/// What an interpreter is started with; a warm interpreter serves a
+/// sandbox only when its first cell asks for exactly these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartParams {
+    env: Vec<(String, String)>,
+    workdir: PathBuf,
+    user: String,
+}
+
+impl ReplSpec<'_> {
+    /// The parts of the request used when the interpreter starts.
+    pub fn start_params(&self) -> StartParams {
+        StartParams {
+            env: self
+                .env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            workdir: self.workdir.clone(),
+            user: self.user.to_owned(),
+        }
+    }
+}
+
 fn bad(msg: impl Into<String>) -> AgentError {
     AgentError::BadRequest(msg.into())
 }

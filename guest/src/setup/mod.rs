@@ -1,4 +1,5 @@
-//! The `Setup` request, in this order: mounts the volumes ([`crate::mounts`]),
+//! The `Setup` request, in this order: applies the sandbox's identity
+//! ([`crate::identity`]: hostname, machine id, entropy), mounts the volumes ([`crate::mounts`]),
 //! configures the NIC ([`crate::netconf`]), writes the sandbox config's
 //! scripts to `<root>/scripts/<name>` (mode 0755, a `#!<shell>` line added
 //! when they have none; via a temporary file and a rename), then launches
@@ -31,7 +32,7 @@ use crate::error::{AgentError, Context, Result};
 use crate::exec::{parse_env, path_of, resolve, workdir_path};
 use crate::fd;
 use crate::user::Identity;
-use crate::{mounts, netconf};
+use crate::{identity, mounts, netconf};
 
 /// Where scripts and logs live in the VM.
 pub const ROOT: &str = "/.sandbox";
@@ -47,6 +48,8 @@ pub const MAX_SCRIPTS: usize = 256;
 /// The steps of a request that change the VM itself rather than files
 /// under `<root>`. They get checked input only.
 pub trait Machine {
+    /// Applies the sandbox's hostname, machine id and entropy.
+    fn identity(&mut self, id: &identity::Checked) -> Result<()>;
     /// Mounts the volumes, in order; writable ones are given to `owner`.
     fn mount(&mut self, mounts: &[Mount], owner: Option<&Identity>) -> Result<()>;
     /// Configures the sandbox's NIC.
@@ -57,6 +60,10 @@ pub trait Machine {
 pub struct Vm;
 
 impl Machine for Vm {
+    fn identity(&mut self, id: &identity::Checked) -> Result<()> {
+        identity::apply(id)
+    }
+
     fn mount(&mut self, mounts: &[Mount], owner: Option<&Identity>) -> Result<()> {
         mounts::mount_all(Path::new("/"), mounts, owner)
     }
@@ -153,6 +160,7 @@ pub fn run_in(root: &Path, req: &Setup, machine: &mut impl Machine) -> Result<Se
     };
     mounts::check_all(&req.mounts)?;
     let network = req.network.as_ref().map(netconf::parse).transpose()?;
+    let id = req.identity.as_deref().map(identity::check).transpose()?;
     // Read from the image's account files, before a volume can cover them.
     let owner = if mounts::needs_owner(&req.mounts, &req.user) {
         crate::user::resolve(&req.user)?
@@ -160,6 +168,9 @@ pub fn run_in(root: &Path, req: &Setup, machine: &mut impl Machine) -> Result<Se
         None
     };
 
+    if let Some(id) = &id {
+        machine.identity(id)?;
+    }
     if !req.mounts.is_empty() {
         machine.mount(&req.mounts, owner.as_ref())?;
     }

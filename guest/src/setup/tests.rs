@@ -30,6 +30,7 @@ fn setup(scripts: Vec<Script>, exec: &str) -> Setup {
         user: String::new(),
         mounts: Vec::new(),
         network: None,
+        identity: None,
     }
 }
 
@@ -55,6 +56,16 @@ impl Recorder {
 }
 
 impl Machine for Recorder {
+    fn identity(&mut self, id: &crate::identity::Checked) -> Result<()> {
+        self.steps.push(format!(
+            "identity {} {} scripts={}",
+            id.hostname,
+            id.machine_id,
+            self.scripts_exist()
+        ));
+        Ok(())
+    }
+
     fn mount(&mut self, mounts: &[Mount], owner: Option<&Identity>) -> Result<()> {
         let owner = owner.map(|o| format!(" owner {}:{}", o.uid, o.gid));
         let paths: Vec<&str> = mounts.iter().map(|m| m.path.as_str()).collect();
@@ -285,7 +296,7 @@ fn log_sink_cuts_at_the_cap_once() {
 }
 
 #[test]
-fn mounts_then_network_then_scripts_and_nothing_in_the_background() {
+fn identity_then_mounts_then_network_then_scripts_and_nothing_in_the_background() {
     let root = tempfile::tempdir().expect("tempdir");
     let mut req = setup(vec![script("build.sh", "true")], "");
     req.mounts = vec![
@@ -293,12 +304,18 @@ fn mounts_then_network_then_scripts_and_nothing_in_the_background() {
         volume("moat1", "/ref", true),
     ];
     req.network = Some(network());
+    req.identity = Some(Box::new(moat_proto::agent::Identity {
+        hostname: "sb-1".into(),
+        entropy: vec![9; 32],
+        machine_id: "0123456789abcdef0123456789abcdef".into(),
+    }));
     let mut rec = Recorder::new(root.path());
     let res = run_in(root.path(), &req, &mut rec).expect("setup");
     assert_eq!(res.background_pid, 0);
     assert_eq!(
         rec.steps,
         [
+            "identity sb-1 0123456789abcdef0123456789abcdef scripts=false",
             "mount /data,/ref scripts=false",
             "network 10.213.0.2/30 scripts=false"
         ]
@@ -361,6 +378,18 @@ fn a_bad_request_changes_nothing() {
                 ..setup(vec![], "")
             },
             "not an IPv4 address",
+        ),
+        (
+            Setup {
+                mounts: vec![volume("moat0", "/data", false)],
+                identity: Some(Box::new(moat_proto::agent::Identity {
+                    hostname: "sb-1".into(),
+                    entropy: vec![9; 32],
+                    machine_id: "not-hex".into(),
+                })),
+                ..setup(vec![script("a", "true")], "true")
+            },
+            "machine_id",
         ),
         (
             Setup {

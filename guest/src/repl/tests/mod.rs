@@ -168,3 +168,96 @@ fn large_cells_are_delivered_whole() {
     assert_large_cell("python", "print(len(s))");
     assert_large_cell("nodejs", "console.log(s.length)");
 }
+
+fn warm_request(languages: &[&str], env: Vec<String>) -> moat_proto::agent::Warm {
+    moat_proto::agent::Warm {
+        languages: languages.iter().map(|l| (*l).to_owned()).collect(),
+        env,
+        workdir: String::new(),
+        user: String::new(),
+    }
+}
+
+/// The pid of the interpreter a cell runs in.
+fn interpreter_pid(reg: &Registry) -> String {
+    stdout(&run(reg, "python", "import os; print(os.getpid())"))
+}
+
+#[test]
+fn a_warm_interpreter_serves_a_first_cell_that_asks_for_what_it_was_started_with() {
+    let reg = Registry::new();
+    let env = request("python", "", 0).env;
+    let started = reg.warm(&warm_request(&["python"], env)).expect("warm");
+    assert_eq!(started.started, ["python"]);
+    let warm_pid = {
+        let slot = reg.slot(&super::python::PYTHON);
+        slot.as_ref()
+            .expect("a warm session")
+            .pid
+            .as_raw()
+            .to_string()
+    };
+    let first = run(&reg, "python", "import os; print(os.getpid())");
+    assert_ok(&first, &[&warm_pid]);
+    assert!(!first.state_lost);
+}
+
+#[test]
+fn a_warm_interpreter_started_with_other_env_is_replaced_at_the_first_cell() {
+    let reg = Registry::new();
+    let mut env = request("python", "", 0).env;
+    env.push("FLAVOUR=pool".into());
+    reg.warm(&warm_request(&["python"], env)).expect("warm");
+    let warm_pid = {
+        let slot = reg.slot(&super::python::PYTHON);
+        slot.as_ref()
+            .expect("a warm session")
+            .pid
+            .as_raw()
+            .to_string()
+    };
+    let first = run(
+        &reg,
+        "python",
+        "import os; print(os.getpid()); print(os.environ.get('FLAVOUR'))",
+    );
+    assert_eq!(status(&first), ReplStatus::Success, "{first:?}");
+    let out = stdout(&first);
+    assert!(!out.contains(&warm_pid), "{out}");
+    assert!(out.ends_with("None"), "{out}");
+    assert!(!first.state_lost, "nothing of the sandbox's was lost");
+    assert_eq!(
+        interpreter_pid(&reg),
+        out.lines().next().unwrap_or_default()
+    );
+}
+
+#[test]
+fn a_warm_interpreter_that_died_is_replaced_without_a_note() {
+    let reg = Registry::new();
+    reg.warm(&warm_request(&["python"], request("python", "", 0).env))
+        .expect("warm");
+    {
+        let slot = reg.slot(&super::python::PYTHON);
+        let pid = slot.as_ref().expect("a warm session").pid;
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let first = run(&reg, "python", "print(6 * 7)");
+    assert_ok(&first, &["42"]);
+    assert!(!first.state_lost);
+}
+
+#[test]
+fn warming_an_unknown_language_or_too_many_is_refused() {
+    let reg = Registry::new();
+    let env = request("python", "", 0).env;
+    let err = reg
+        .warm(&warm_request(&["cobol"], env.clone()))
+        .expect_err("cobol");
+    assert!(matches!(err, AgentError::BadRequest(_)), "{err}");
+    let err = reg
+        .warm(&warm_request(&["python", "nodejs", "python"], env))
+        .expect_err("three");
+    assert!(err.to_string().contains("two"), "{err}");
+}
