@@ -729,6 +729,39 @@ owner_gid = {volume_owner}
         )
     }
 
+    /// The warm pools' figures from the gateway's `GET /metrics` (the
+    /// server needs `[metrics] on_public_listener = true`): each
+    /// `moat_pool_*` series by its name without the prefix ("ready",
+    /// "hits_total", ...), summed over the pools.
+    pub fn pool_metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        let text = self.request("GET", "/metrics", &[], None).body;
+        let mut out = std::collections::BTreeMap::new();
+        for l in text.lines().filter_map(|l| l.strip_prefix("moat_pool_")) {
+            let Some((name, rest)) = l.split_once('{') else {
+                continue;
+            };
+            if let Some(v) = rest
+                .rsplit_once(' ')
+                .and_then(|(_, v)| v.parse::<f64>().ok())
+            {
+                *out.entry(name.to_owned()).or_insert(0.0) += v;
+            }
+        }
+        out
+    }
+
+    /// Waits (up to `limit`) until the pools hold `n` ready VMs.
+    pub fn wait_pool_ready(&self, n: f64, limit: Duration) {
+        let start = Instant::now();
+        while self.pool_metrics().get("ready").copied().unwrap_or(0.0) < n {
+            assert!(
+                start.elapsed() < limit,
+                "{n} pool VMs not ready within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Stdout lines of a command result.
     pub fn stdout_lines(result: &Value) -> Vec<String> {
         lines_of(result, "stdout")

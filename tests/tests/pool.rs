@@ -26,17 +26,8 @@ fn pooled(count: u32, lifecycle: &str) -> Options {
     }
 }
 
-/// The pool's series from `GET /metrics`: "ready", "hits_total", ...
 fn pool_metrics(s: &Server) -> BTreeMap<String, f64> {
-    let text = s.request("GET", "/metrics", &[], None).body;
-    text.lines()
-        .filter_map(|l| l.strip_prefix("moat_pool_"))
-        .filter_map(|l| {
-            let (name, rest) = l.split_once('{')?;
-            let value = rest.rsplit_once(' ')?.1.parse().ok()?;
-            Some((name.to_owned(), value))
-        })
-        .collect()
+    s.pool_metrics()
 }
 
 fn metric(s: &Server, name: &str) -> f64 {
@@ -52,11 +43,7 @@ fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
 }
 
 fn wait_ready(s: &Server, n: f64) {
-    wait_for(
-        &format!("{n} pool VMs ready"),
-        Duration::from_secs(240),
-        || metric(s, "ready") >= n,
-    );
+    s.wait_pool_ready(n, Duration::from_secs(240));
 }
 
 fn sh(s: &Server, name: &str, script: &str) -> Vec<String> {

@@ -9,6 +9,8 @@
 //!   `true` on the bare VM vs `command.run true` over HTTP; warm
 //!   `repl.run print(1)` (Python, Node).
 //! - First code: `sandbox.start` + first `repl.run print(1)`, cold.
+//! - Warm pool: `sandbox.start` served from the pool, and with its first
+//!   `repl.run print(1)` (Python, Node), every run a pool hit.
 //! - Memory: an idle sandbox's VM process RSS and cgroup usage; the broker's
 //!   and the gateway's RSS.
 //! - Throughput: start → `true` → stop cycles per minute with 4 clients.
@@ -17,8 +19,10 @@
 //!   small static file on the same machine at the same concurrency.
 //!
 //! Usage (root, after `make setup`):
-//! `moat-bench [--runs N] [--http-secs N] [--json FILE]` (default 10 runs,
-//! 10 s per wrk run, `target/moat-bench.json`).
+//! `moat-bench [--runs N] [--http-secs N] [--json FILE] [--only SECTIONS]`
+//! (default 10 runs, 10 s per wrk run, `target/moat-bench.json`, every
+//! section; `--only pool,gateway` runs those: boot, calls, memory,
+//! interpreters, churn, jail, pool, gateway).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -76,13 +80,28 @@ struct Args {
     runs: usize,
     http_secs: u32,
     json: PathBuf,
+    /// Empty: every section.
+    sections: Vec<String>,
 }
+
+/// The sections `--only` picks from, in the order they run.
+const SECTIONS: [&str; 8] = [
+    "boot",
+    "calls",
+    "memory",
+    "interpreters",
+    "churn",
+    "jail",
+    "pool",
+    "gateway",
+];
 
 fn args() -> Args {
     let mut a = Args {
         runs: 10,
         http_secs: 10,
         json: PathBuf::from("target/moat-bench.json"),
+        sections: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -95,13 +114,86 @@ fn args() -> Args {
                     .expect("--http-secs N")
             }
             "--json" => a.json = it.next().map(PathBuf::from).expect("--json FILE"),
+            "--only" => {
+                let list = it.next().expect("--only SECTION[,SECTION...]");
+                for section in list.split(',') {
+                    assert!(
+                        SECTIONS.contains(&section),
+                        "--only: unknown section {section:?}; choose from {}",
+                        SECTIONS.join(", ")
+                    );
+                    a.sections.push(section.to_owned());
+                }
+            }
             other => panic!(
-                "unknown argument {other:?}: moat-bench [--runs N] [--http-secs N] [--json FILE]"
+                "unknown argument {other:?}: moat-bench [--runs N] [--http-secs N] [--json FILE] [--only {}]",
+                SECTIONS.join(",")
             ),
         }
     }
     a.runs = a.runs.max(2);
     a
+}
+
+/// Starts served by the warm pool: the start alone, and with its first
+/// cell, for Python and Node, each from a pool of one VM that is refilled
+/// (and waited for) between runs, so every start is a hit.
+fn pool(f: &mut Figures, runs: usize) {
+    let s = Server::start_with(Options {
+        broker_toml: "[pool]\nbudget_mib = 4096\n\
+            [[pool.entries]]\nimage = \"microsandbox/python\"\ncount = 1\nwarm = [\"python\"]\n\
+            [[pool.entries]]\nimage = \"microsandbox/node\"\ncount = 1\nwarm = [\"nodejs\"]\n"
+            .into(),
+        gateway_toml: "[metrics]\non_public_listener = true\n".into(),
+        ..Options::default()
+    });
+    let ready_wait = Duration::from_secs(300);
+    for (image, language, code) in [
+        ("microsandbox/python", "python", "print(1)"),
+        ("microsandbox/node", "nodejs", "console.log(1)"),
+    ] {
+        let mut start_ms = Vec::new();
+        let mut first_ms = Vec::new();
+        for i in 0..runs {
+            for with_cell in [false, true] {
+                s.wait_pool_ready(2.0, ready_wait);
+                let hits = s.pool_metrics().get("hits_total").copied().unwrap_or(0.0);
+                let name = format!("pooled-{language}-{i}-{with_cell}");
+                let t = Instant::now();
+                s.start_sandbox(&name, json!({"image": image}));
+                if with_cell {
+                    let r = s.repl(&name, language, code);
+                    first_ms.push(ms(t.elapsed()));
+                    assert_eq!(r["output"][0]["text"], "1", "{r}");
+                } else {
+                    start_ms.push(ms(t.elapsed()));
+                }
+                let now = s.pool_metrics().get("hits_total").copied().unwrap_or(0.0);
+                assert_eq!(now, hits + 1.0, "{name} was served by the pool");
+                s.stop_sandbox(&name);
+            }
+        }
+        f.add(
+            &format!("sandbox.start from the warm pool ({language})"),
+            "ms",
+            start_ms,
+        );
+        f.add(
+            &format!("sandbox.start + first repl.run ({language}), pooled"),
+            "ms",
+            first_ms,
+        );
+    }
+    let m = s.pool_metrics();
+    if let (Some(n), Some(secs)) = (m.get("refills_total"), m.get("refill_seconds_total")) {
+        if *n > 0.0 {
+            f.value(
+                "pool VM boot + warm-up (mean of refills)",
+                "ms",
+                secs / n * 1000.0,
+            );
+        }
+    }
 }
 
 /// Gateway requests under wrk next to nginx's static file, same load.
@@ -172,6 +264,7 @@ fn main() {
         runs,
         http_secs,
         json: json_path,
+        sections,
     } = args();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
@@ -181,11 +274,66 @@ fn main() {
     );
     let mut f = Figures::default();
     let build = build_dir();
+    let want = |section: &str| sections.is_empty() || sections.iter().any(|s| s == section);
+    let bare_files = (want("boot") || want("calls"))
+        .then(|| BareImage::prepare(&build, &build.join("base.erofs"), 1024));
+    if ["boot", "calls", "memory", "interpreters", "churn"]
+        .iter()
+        .any(|s| want(s))
+    {
+        let s = Server::start();
+        if let Some(bare) = &bare_files {
+            if want("boot") {
+                boot_section(&mut f, &s, bare, runs);
+            }
+            if want("calls") {
+                calls_section(&mut f, &s, bare);
+            }
+        }
+        if want("memory") {
+            memory_section(&mut f, &s);
+        }
+        if want("interpreters") {
+            interpreters_section(&mut f, &s, runs);
+        }
+        if want("churn") {
+            churn_section(&mut f, &s, runs);
+        }
+    }
+    if want("jail") {
+        jail_section(&mut f, runs);
+    }
+    if want("pool") {
+        pool(&mut f, runs);
+    }
+    if want("gateway") {
+        gateway(&mut f, http_secs);
+    }
 
+    let doc = json!({
+        "runs": runs,
+        "load_before": load.trim(),
+        "load_after": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "backend": moat_e2e::vmm_backend(),
+        "figures": f.0,
+    });
+    if let Some(dir) = json_path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&doc).unwrap_or_default(),
+    )
+    .expect("write the JSON report");
+    println!("JSON: {}", json_path.display());
+}
+
+/// Cold starts against the bare VM, interleaved so both see the same
+/// machine.
+fn boot_section(f: &mut Figures, s: &Server, bare_files: &BareImage, runs: usize) {
     // Baseline: the bare VM, interleaved with moat's cold starts so both
     // see the same machine.
-    let bare_files = BareImage::prepare(&build, &build.join("base.erofs"), 1024);
-    let s = Server::start();
     let mut bare_ms = Vec::new();
     let mut cold_ms = Vec::new();
     for i in 0..runs {
@@ -206,8 +354,10 @@ fn main() {
         "sandbox.start cold / bare boot (median)",
         cold.median / bare.median,
     );
+}
 
-    // Raw channel and guest fork/exec on the bare VM, next to command.run.
+/// Raw channel and guest fork/exec on the bare VM, next to command.run.
+fn calls_section(f: &mut Figures, s: &Server, bare_files: &BareImage) {
     let mut vm = BareVm::boot(&bare_files, 512);
     for _ in 0..5 {
         vm.exec("true", &[]);
@@ -247,8 +397,10 @@ fn main() {
         "raw Exec true / raw Hello (median)",
         exec.median / hello.median,
     );
+}
 
-    // Memory of an idle sandbox and of the daemons.
+/// Memory of an idle sandbox and of the daemons.
+fn memory_section(f: &mut Figures, s: &Server) {
     std::thread::sleep(Duration::from_secs(2));
     let metrics = s.ok(
         "sandbox.metrics.get",
@@ -267,8 +419,10 @@ fn main() {
         f.value("gateway RSS", "MiB", rss_mib(pid));
     }
     s.stop_sandbox("calls");
+}
 
-    // Interpreters: warm cells, and a start plus its first cell.
+/// Interpreters: warm cells, and a start plus its first cell.
+fn interpreters_section(f: &mut Figures, s: &Server, runs: usize) {
     for (image, language, code, want) in [
         ("microsandbox/python", "python", "print(1)", "1"),
         ("microsandbox/node", "nodejs", "console.log(1)", "1"),
@@ -300,8 +454,10 @@ fn main() {
             first_ms,
         );
     }
+}
 
-    // Starts per minute with 4 clients.
+/// Starts per minute with 4 clients.
+fn churn_section(f: &mut Figures, s: &Server, runs: usize) {
     let cycles = (runs * 2).max(8);
     let started = Instant::now();
     std::thread::scope(|scope| {
@@ -322,9 +478,10 @@ fn main() {
         "/min",
         cycles as f64 / started.elapsed().as_secs_f64() * 60.0,
     );
-    drop(s);
+}
 
-    // The cost of the jail.
+/// The cost of the jail.
+fn jail_section(f: &mut Figures, runs: usize) {
     let u = Server::start_with(Options {
         unjailed: true,
         ..Options::default()
@@ -345,24 +502,4 @@ fn main() {
         unjailed,
     );
     drop(u);
-
-    gateway(&mut f, http_secs);
-
-    let doc = json!({
-        "runs": runs,
-        "load_before": load.trim(),
-        "load_after": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "backend": moat_e2e::vmm_backend(),
-        "figures": f.0,
-    });
-    if let Some(dir) = json_path.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    std::fs::write(
-        &json_path,
-        serde_json::to_string_pretty(&doc).unwrap_or_default(),
-    )
-    .expect("write the JSON report");
-    println!("JSON: {}", json_path.display());
 }
