@@ -11,13 +11,15 @@
 //!   limiters and caps; [`body`]: reading request bodies.
 //! - [`rpc`]: the JSON-RPC endpoint; [`mcp`]: the MCP endpoint;
 //!   [`health`]: the health endpoint.
-//! - [`broker`]: the gRPC client; [`error`]: the one wire error type;
+//! - [`broker`]: the gRPC client; [`coalesce`]: identical reads in flight
+//!   sharing one broker call; [`error`]: the one wire error type;
 //!   [`obs`]: request ids, audit lines, Prometheus metrics.
 
 pub mod app;
 pub mod auth;
 pub mod body;
 pub mod broker;
+pub mod coalesce;
 pub mod config;
 pub mod dial_backoff;
 pub mod error;
