@@ -3,7 +3,8 @@
 //! never answers holds calls in flight; the next call, from any key and
 //! either interface (JSON-RPC, an MCP tool call, the health check), is
 //! refused at once with HTTP 503, `-32000` and `Retry-After: 1`, and the
-//! bound frees as calls end.
+//! bound frees as calls end. A request asking exactly what a call in
+//! flight asks joins that call instead (`coalesce.rs`), taking no place.
 
 mod common;
 
@@ -29,19 +30,21 @@ fn silent_broker(gw: &Gateway) -> JoinHandle<()> {
     })
 }
 
+/// A `metrics.get` for sandbox `s<id>`: each id asks its own question, so
+/// calls with different ids are not coalesced into one broker call.
 fn metrics_get(id: i64) -> Value {
     json!({"jsonrpc": "2.0", "method": "sandbox.metrics.get", "id": id,
-           "params": {"namespace": "a"}})
+           "params": {"namespace": "a", "sandbox": format!("s{id}")}})
 }
 
-/// Sends `metrics_get` as `token` in the background (it hangs on the
+/// Sends `metrics_get(id)` as `token` in the background (it hangs on the
 /// silent broker until aborted); returns the HTTP status.
-fn in_background(gw: &Gateway, token: &str) -> JoinHandle<StatusCode> {
+fn in_background(gw: &Gateway, token: &str, id: i64) -> JoinHandle<StatusCode> {
     let router = gw.router.clone();
     let request = Request::post("/api/v1/rpc")
         .header("content-type", "application/json")
         .header("authorization", format!("Bearer {token}"))
-        .body(Body::from(metrics_get(1).to_string()))
+        .body(Body::from(metrics_get(id).to_string()))
         .unwrap();
     tokio::spawn(async move { router.oneshot(request).await.unwrap().status() })
 }
@@ -86,7 +89,7 @@ async fn the_bound_is_across_keys_and_refuses_at_once() {
     let broker = silent_broker(&gw);
     let (a, _) = gw.key(&["a"]);
     let (b, _) = gw.key(&["a"]);
-    let held = [in_background(&gw, &a), in_background(&gw, &a)];
+    let held = [in_background(&gw, &a, 100), in_background(&gw, &a, 101)];
     wait_in_flight(&gw, 2).await;
 
     // Another key, well within its own concurrency limit: refused anyway.
@@ -146,7 +149,7 @@ async fn mcp_tool_calls_and_health_count_against_the_same_bound() {
     .await;
     let session = init.header("mcp-session-id").expect("Mcp-Session-Id");
 
-    let held = [in_background(&gw, &a), in_background(&gw, &a)];
+    let held = [in_background(&gw, &a, 100), in_background(&gw, &a, 101)];
     wait_in_flight(&gw, 2).await;
 
     let reply = mcp(
@@ -191,6 +194,30 @@ async fn mcp_tool_calls_and_health_count_against_the_same_bound() {
         let _ = task.await;
     }
     wait_in_flight(&gw, 0).await;
+}
+
+#[tokio::test]
+async fn the_same_question_in_flight_is_asked_once_and_joining_it_is_not_refused() {
+    let gw = bounded();
+    let broker = silent_broker(&gw);
+    let (a, _) = gw.key(&["a"]);
+    let (b, _) = gw.key(&["a"]);
+    let first = [in_background(&gw, &a, 100), in_background(&gw, &b, 100)];
+    let second = [in_background(&gw, &a, 101), in_background(&gw, &a, 101)];
+    wait_in_flight(&gw, 2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        gw.state.broker().calls().in_flight(),
+        2,
+        "four requests, two questions, two calls"
+    );
+    for task in first.into_iter().chain(second) {
+        assert!(!task.is_finished(), "joined requests wait for the call");
+        task.abort();
+        let _ = task.await;
+    }
+    broker.abort();
+    let _ = broker.await;
 }
 
 #[test]

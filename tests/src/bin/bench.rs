@@ -337,7 +337,7 @@ fn boot_section(f: &mut Figures, s: &Server, bare_files: &BareImage, runs: usize
     let mut bare_ms = Vec::new();
     let mut cold_ms = Vec::new();
     for i in 0..runs {
-        bare_ms.push(ms(BareVm::boot(&bare_files, 512).boot));
+        bare_ms.push(ms(BareVm::boot(bare_files, 512).boot));
         let name = format!("cold-{i}");
         let t = Instant::now();
         s.start_sandbox(&name, json!({"memory": 512}));
@@ -358,7 +358,7 @@ fn boot_section(f: &mut Figures, s: &Server, bare_files: &BareImage, runs: usize
 
 /// Raw channel and guest fork/exec on the bare VM, next to command.run.
 fn calls_section(f: &mut Figures, s: &Server, bare_files: &BareImage) {
-    let mut vm = BareVm::boot(&bare_files, 512);
+    let mut vm = BareVm::boot(bare_files, 512);
     for _ in 0..5 {
         vm.exec("true", &[]);
     }
