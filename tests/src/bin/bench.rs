@@ -389,6 +389,7 @@ fn calls_section(f: &mut Figures, s: &Server, bare_files: &BareImage) {
             })
             .collect(),
     );
+    s.stop_sandbox("calls");
     f.ratio(
         "command.run true / raw Exec true (median)",
         rt.median / exec.median,
@@ -401,13 +402,28 @@ fn calls_section(f: &mut Figures, s: &Server, bare_files: &BareImage) {
 
 /// Memory of an idle sandbox and of the daemons.
 fn memory_section(f: &mut Figures, s: &Server) {
-    std::thread::sleep(Duration::from_secs(2));
+    const GUEST_MIB: u64 = 512;
+    s.start_sandbox("idle", json!({"memory": GUEST_MIB}));
+    s.run("idle", "true", &[]);
+    std::thread::sleep(Duration::from_secs(5));
     let metrics = s.ok(
         "sandbox.metrics.get",
-        json!({"sandbox": "calls", "namespace": "default"}),
+        json!({"sandbox": "idle", "namespace": "default"}),
     );
     if let Some((pid, _)) = s.vm_pids().first() {
         f.value("idle sandbox: VM process RSS", "MiB", rss_mib(*pid));
+        if let Some((total, guest)) = rss_split_kib(*pid, GUEST_MIB) {
+            f.value(
+                "idle sandbox: VM process RSS beyond guest RAM",
+                "MiB",
+                (total - guest) as f64 / 1024.0,
+            );
+            f.value(
+                "idle sandbox: guest RAM resident",
+                "MiB",
+                guest as f64 / 1024.0,
+            );
+        }
     }
     if let Some(mem) = metrics["sandboxes"][0]["memory_usage"].as_f64() {
         f.value("idle sandbox: cgroup memory (metrics.get)", "MiB", mem);
@@ -418,7 +434,31 @@ fn memory_section(f: &mut Figures, s: &Server) {
     if let Some(pid) = s.gateway_pid() {
         f.value("gateway RSS", "MiB", rss_mib(pid));
     }
-    s.stop_sandbox("calls");
+    s.stop_sandbox("idle");
+}
+
+/// A VM process's resident memory, KiB, in total and in its guest RAM
+/// (the largest mapping at least `guest_mib` long), from `smaps`.
+fn rss_split_kib(pid: i32, guest_mib: u64) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let field = |l: &str, name: &str| {
+        l.strip_prefix(name)
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let (mut total, mut guest, mut size, mut largest) = (0, 0, 0, 0);
+    for l in text.lines() {
+        if let Some(v) = field(l, "Size:") {
+            size = v;
+        } else if let Some(v) = field(l, "Rss:") {
+            total += v;
+            if size >= guest_mib * 1024 && size > largest {
+                largest = size;
+                guest = v;
+            }
+        }
+    }
+    (largest > 0).then_some((total, guest))
 }
 
 /// Interpreters: warm cells, and a start plus its first cell.
