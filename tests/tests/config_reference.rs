@@ -117,6 +117,8 @@ fn every_broker_key_is_in_the_reference() {
         ("network", fields::<NetworkConfig>()),
         ("lifecycle", fields::<LifecycleConfig>()),
         ("lifecycle.namespaces.<ns>", fields::<NamespaceLifetimes>()),
+        ("pool", fields::<PoolConfig>()),
+        ("pool.entries[]", fields::<PoolEntry>()),
         (
             "registries.<host>",
             fields::<moat_broker::images::registry::RegistryConfig>(),
