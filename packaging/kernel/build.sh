@@ -27,11 +27,14 @@ else
   make -s -C "$ksrc" O="$out" ARCH=x86_64 tinyconfig >/dev/null
   (cd "$out" && KCONFIG_CONFIG=.config "$ksrc/scripts/kconfig/merge_config.sh" -m -O "$out" .config "$here/moat.config" >/dev/null)
   make -s -C "$ksrc" O="$out" ARCH=x86_64 olddefconfig >/dev/null
-  # Fail loudly if a requested option did not survive olddefconfig.
+  # Fail loudly if a requested option (on or off) did not survive olddefconfig.
   missing=0
   while IFS= read -r line; do
-    case "$line" in CONFIG_*=y) opt=${line%%=*}
-      grep -qx "$opt=y" "$out/.config" || { echo "kernel: $opt requested but not set after olddefconfig" >&2; missing=1; } ;;
+    case "$line" in
+      CONFIG_*=y) opt=${line%%=*}
+        grep -qx "$opt=y" "$out/.config" || { echo "kernel: $opt requested but not set after olddefconfig" >&2; missing=1; } ;;
+      "# CONFIG_"*" is not set") opt=${line#\# }; opt=${opt%% *}
+        if grep -q "^$opt=" "$out/.config"; then echo "kernel: $opt asked off but set after olddefconfig" >&2; missing=1; fi ;;
     esac
   done < "$here/moat.config"
   [ "$missing" = 0 ] || exit 1
