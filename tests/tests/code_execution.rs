@@ -398,3 +398,21 @@ fn calls_over_the_per_sandbox_limit_are_refused_clearly() {
     assert_eq!(s.run("one-at-a-time", "true", &[])["exit_code"], 0);
     s.stop_sandbox("one-at-a-time");
 }
+
+/// Unix98 ptys work in the guest (the kernel has no legacy BSD ptys: see
+/// docs/guest-kernel.md): code that needs a terminal gets one from devpts.
+#[test]
+fn a_pseudo_terminal_opens_in_the_guest() {
+    let s = Server::start();
+    s.start_sandbox("tty", json!({"image": PY}));
+    let r = s.run(
+        "tty",
+        "python3",
+        &[
+            "-c",
+            "import os, pty; m, t = pty.openpty(); print(os.ttyname(t))",
+        ],
+    );
+    assert_eq!(r["exit_code"], 0, "{r}");
+    assert_eq!(stdout(&r), ["/dev/pts/0"], "{r}");
+}
