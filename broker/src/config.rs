@@ -561,6 +561,24 @@ impl NetworkConfig {
 }
 
 impl Limits {
+    /// Why a VM of `memory_mib` and `cpus` is refused (a request's or a
+    /// pool entry's), or `None`.
+    pub fn size_problem(&self, memory_mib: u32, cpus: u32) -> Option<String> {
+        if memory_mib < 64 || memory_mib > self.max_memory_mib {
+            return Some(format!(
+                "memory {memory_mib} MiB is outside the allowed range 64..={} MiB",
+                self.max_memory_mib
+            ));
+        }
+        if cpus == 0 || cpus > self.max_cpus {
+            return Some(format!(
+                "cpus {cpus} is outside the allowed range 1..={}",
+                self.max_cpus
+            ));
+        }
+        None
+    }
+
     /// The disk caps as one value.
     pub fn disk_io(&self) -> crate::disk::DiskIo {
         crate::disk::DiskIo {

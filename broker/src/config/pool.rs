@@ -79,17 +79,10 @@ impl PoolConfig {
                 return Err(format!("{at}.count must be 1-{MAX_POOL_COUNT}"));
             }
             let memory = e.memory_mib.unwrap_or(limits.default_memory_mib);
-            if memory < 64 || memory > limits.max_memory_mib {
-                return Err(format!(
-                    "{at}.memory_mib {memory} is outside 64..={} (limits.max_memory_mib)",
-                    limits.max_memory_mib
-                ));
-            }
             let cpus = e.cpus.unwrap_or(limits.default_cpus);
-            if cpus == 0 || cpus > limits.max_cpus {
+            if let Some(problem) = limits.size_problem(memory, cpus) {
                 return Err(format!(
-                    "{at}.cpus {cpus} is outside 1..={} (limits.max_cpus)",
-                    limits.max_cpus
+                    "{at}: {problem} (limits.max_memory_mib, limits.max_cpus)"
                 ));
             }
             for w in &e.warm {
@@ -195,7 +188,7 @@ mod tests {
                     }],
                     big,
                 ),
-                "memory_mib",
+                "memory 32 MiB",
             ),
             (
                 pool(

@@ -96,18 +96,9 @@ impl SandboxSpec {
             ),
         };
         let memory_mib = c.memory_mib.unwrap_or(limits.default_memory_mib);
-        if memory_mib < 64 || memory_mib > limits.max_memory_mib {
-            return refuse(format!(
-                "memory {memory_mib} MiB is outside the allowed range 64..={} MiB",
-                limits.max_memory_mib
-            ));
-        }
         let cpus = c.cpus.unwrap_or(limits.default_cpus);
-        if cpus == 0 || cpus > limits.max_cpus {
-            return refuse(format!(
-                "cpus {cpus} is outside the allowed range 1..={}",
-                limits.max_cpus
-            ));
+        if let Some(problem) = limits.size_problem(memory_mib, cpus) {
+            return refuse(problem);
         }
         let parsed_volumes = check_volumes(&c.volumes, namespace, volumes)?;
         let scope = check_scope(c.scope.as_deref(), network)?;

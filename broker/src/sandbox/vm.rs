@@ -127,6 +127,26 @@ struct VmResources {
 }
 
 impl VmResources {
+    /// A free slot and its VM directory's path, nothing allocated yet;
+    /// `Busy(busy)` when every slot is taken.
+    fn take(
+        ctx: &LaunchContext,
+        permits: Option<(OwnedSemaphorePermit, NamespacePermit)>,
+        busy: &str,
+    ) -> Result<Self, BrokerError> {
+        let slot = ctx
+            .slots
+            .take()
+            .ok_or_else(|| BrokerError::Busy(busy.to_owned()))?;
+        Ok(VmResources {
+            slot,
+            dir: ctx.vms_dir().join(slot.index.to_string()),
+            cgroup: None,
+            network: None,
+            permits,
+        })
+    }
+
     /// Kills whatever is left in the cgroup, removes it, the VM directory
     /// (disk, sockets) and frees the slot.
     async fn release(mut self, ctx: &LaunchContext) -> Result<(), BrokerError> {
@@ -314,17 +334,12 @@ pub async fn launch(
             (res, booted, owner)
         }
         None => {
-            let slot = ctx.slots.take().ok_or_else(|| {
-                BrokerError::Busy("no free sandbox uid; stop a sandbox or retry later".into())
-            })?;
-            let mut res = VmResources {
-                slot,
-                dir: ctx.vms_dir().join(slot.index.to_string()),
-                cgroup: None,
-                network: None,
-                permits: Some((permit, namespace_permit)),
-            };
-            let owner = vm_owner(ctx, &spec, slot);
+            let mut res = VmResources::take(
+                ctx,
+                Some((permit, namespace_permit)),
+                "no free sandbox uid; stop a sandbox or retry later",
+            )?;
+            let owner = vm_owner(ctx, &spec, res.slot);
             let booted = boot_cold(
                 ctx, namespace, hostname, &spec, &image, &mut res, owner, journal,
             )
@@ -558,16 +573,12 @@ pub async fn boot_pooled(
     warm: &[String],
 ) -> Result<PooledVm, BrokerError> {
     let image = super::image::prepare(ctx, "warm pool", spec).await?;
-    let slot = ctx.slots.take().ok_or_else(|| {
-        BrokerError::Busy("no free sandbox uid for a pool VM (sandbox_ids.count)".into())
-    })?;
-    let mut res = VmResources {
-        slot,
-        dir: ctx.vms_dir().join(slot.index.to_string()),
-        cgroup: None,
-        network: None,
-        permits: None,
-    };
+    let mut res = VmResources::take(
+        ctx,
+        None,
+        "no free sandbox uid for a pool VM (sandbox_ids.count)",
+    )?;
+    let slot = res.slot;
     let owner = (slot.uid, slot.uid);
     let name = format!("pool-{}", slot.index);
     let booted = match boot(ctx, &name, &image, &mut res, Vec::new(), owner).await {

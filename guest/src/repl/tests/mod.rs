@@ -178,6 +178,13 @@ fn warm_request(languages: &[&str], env: Vec<String>) -> moat_proto::agent::Warm
     }
 }
 
+/// The pid of the warm Python interpreter `reg` holds.
+fn warm_python_pid(reg: &Registry) -> String {
+    let slot = reg.slot(&super::python::PYTHON);
+    let session = slot.as_ref().expect("a warm session");
+    session.pid.as_raw().to_string()
+}
+
 /// The pid of the interpreter a cell runs in.
 fn interpreter_pid(reg: &Registry) -> String {
     stdout(&run(reg, "python", "import os; print(os.getpid())"))
@@ -189,14 +196,7 @@ fn a_warm_interpreter_serves_a_first_cell_that_asks_for_what_it_was_started_with
     let env = request("python", "", 0).env;
     let started = reg.warm(&warm_request(&["python"], env)).expect("warm");
     assert_eq!(started.started, ["python"]);
-    let warm_pid = {
-        let slot = reg.slot(&super::python::PYTHON);
-        slot.as_ref()
-            .expect("a warm session")
-            .pid
-            .as_raw()
-            .to_string()
-    };
+    let warm_pid = warm_python_pid(&reg);
     let first = run(&reg, "python", "import os; print(os.getpid())");
     assert_ok(&first, &[&warm_pid]);
     assert!(!first.state_lost);
@@ -208,14 +208,7 @@ fn a_warm_interpreter_started_with_other_env_is_replaced_at_the_first_cell() {
     let mut env = request("python", "", 0).env;
     env.push("FLAVOUR=pool".into());
     reg.warm(&warm_request(&["python"], env)).expect("warm");
-    let warm_pid = {
-        let slot = reg.slot(&super::python::PYTHON);
-        slot.as_ref()
-            .expect("a warm session")
-            .pid
-            .as_raw()
-            .to_string()
-    };
+    let warm_pid = warm_python_pid(&reg);
     let first = run(
         &reg,
         "python",
