@@ -45,7 +45,8 @@ pub const CONNECTIONS: usize = 4;
 #[derive(Debug, Clone)]
 pub struct Broker {
     clients: Arc<[BrokerClient<Channel>]>,
-    health_flights: Arc<Coalescer<(), Result<HealthReply, RpcError>>>,
+    /// Keyed by the deadline: a request never waits longer than its own.
+    health_flights: Arc<Coalescer<Duration, Result<HealthReply, RpcError>>>,
     metrics_flights: Arc<Coalescer<MetricsQuestion, Result<GetMetricsReply, RpcError>>>,
     next: Arc<AtomicUsize>,
     socket: Arc<PathBuf>,
@@ -95,7 +96,7 @@ impl Broker {
     /// one call ([`Coalescer`]).
     pub async fn health(&self, deadline: Duration) -> Result<HealthReply, RpcError> {
         self.health_flights
-            .run((), || async {
+            .run(deadline, || async {
                 let mut client = self.client();
                 self.call(deadline, HealthRequest {}, |req| async move {
                     client.health(req).await

@@ -38,27 +38,59 @@ impl<K: Eq + Hash + Clone, V: Clone> Coalescer<K, V> {
         Fut: Future<Output = V>,
     {
         let flight = {
-            let mut map = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = self.lock();
             map.entry(key.clone()).or_default().clone()
+        };
+        // Removes the flight when this request is the last one holding it
+        // and no answer came (every request for it gone: cancelled).
+        let _leave = Leave {
+            coalescer: self,
+            key: &key,
+            flight: &flight,
         };
         let answer = flight
             .get_or_init(|| async {
                 let answer = call().await;
                 // Later requests start a call of their own.
-                let mut map = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-                if map.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-                    map.remove(&key);
-                }
+                self.forget(&key, &flight);
                 answer
             })
             .await;
         answer.clone()
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Arc<OnceCell<V>>>> {
+        self.flights.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops `key`'s entry if it is still `flight`.
+    fn forget(&self, key: &K, flight: &Arc<OnceCell<V>>) {
+        let mut map = self.lock();
+        if map.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            map.remove(key);
+        }
+    }
+
     /// Questions with a call in flight (for tests).
     #[cfg(test)]
     fn in_flight(&self) -> usize {
         self.flights.lock().map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// See [`Coalescer::run`].
+struct Leave<'a, K: Eq + Hash + Clone, V: Clone> {
+    coalescer: &'a Coalescer<K, V>,
+    key: &'a K,
+    flight: &'a Arc<OnceCell<V>>,
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> Drop for Leave<'_, K, V> {
+    fn drop(&mut self) {
+        // Held by the map and by this request only: nobody else waits.
+        if !self.flight.initialized() && Arc::strong_count(self.flight) <= 2 {
+            self.coalescer.forget(self.key, self.flight);
+        }
     }
 }
 
@@ -103,5 +135,25 @@ mod tests {
             "a later question is asked again"
         );
         assert_eq!(later, 3);
+    }
+
+    #[tokio::test]
+    async fn a_question_whose_askers_all_left_is_forgotten() {
+        let c: Arc<Coalescer<&str, usize>> = Arc::default();
+        let asker = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                c.run("q", || async {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    1
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(c.in_flight(), 1);
+        asker.abort();
+        let _ = asker.await;
+        assert_eq!(c.in_flight(), 0, "no entry left behind by a cancelled call");
     }
 }

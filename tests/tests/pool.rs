@@ -226,13 +226,21 @@ fn stop_destroys_a_pooled_vm_and_unservable_configs_boot_cold() {
         pool_vm.iter().all(|p| !now.contains(p))
     });
 
-    // Ports, a scope, another image or size: each boots cold.
+    // A NIC (scope, ports), volumes, another image, size or cpus: each
+    // boots cold, with a ready pool VM there to be (wrongly) taken.
     let hits = metric(&s, "hits_total");
     for (name, config) in [
+        ("with-scope", json!({"image": PY, "scope": "group"})),
+        ("with-ports", json!({"image": PY, "ports": ["8123:8000"]})),
+        (
+            "with-volume",
+            json!({"image": PY, "volumes": ["pooltest:/data"]}),
+        ),
         ("other-image", json!({})),
         ("other-size", json!({"image": PY, "memory": 640})),
         ("other-cpus", json!({"image": PY, "cpus": 2})),
     ] {
+        wait_ready(&s, 1.0);
         s.start_sandbox(name, config);
         assert!(!claimed(&s, name), "{name} booted cold");
         assert_eq!(s.run(name, "true", &[])["exit_code"], 0, "{name}");

@@ -20,7 +20,8 @@ pub struct PoolConfig {
     /// Pool VMs booting at once (refills compete with cold starts for CPU).
     pub refill_concurrency: u32,
     /// After a pool VM fails to boot, the next attempt for its entry waits
-    /// this long (doubling up to 60 s while failures continue).
+    /// this long, doubling while failures continue up to 60 s (or this
+    /// value, if longer).
     pub retry_secs: u32,
     pub entries: Vec<PoolEntry>,
 }
@@ -117,9 +118,16 @@ impl PoolConfig {
                 self.budget_mib
             ));
         }
-        if vms + u64::from(limits.max_sandboxes) > u64::from(sandbox_ids) {
+        // While a dead pool VM is destroyed its replacement may already
+        // boot: one more uid per refill place.
+        let refilling = if vms > 0 {
+            u64::from(self.refill_concurrency)
+        } else {
+            0
+        };
+        if vms + refilling + u64::from(limits.max_sandboxes) > u64::from(sandbox_ids) {
             return Err(format!(
-                "sandbox_ids.count ({sandbox_ids}) must cover limits.max_sandboxes ({}) plus every pool VM ({vms}): each VM has its own uid",
+                "sandbox_ids.count ({sandbox_ids}) must cover limits.max_sandboxes ({}) plus every pool VM ({vms}) plus pool.refill_concurrency ({refilling}, replacements booting while dead VMs are removed): each VM has its own uid",
                 limits.max_sandboxes
             ));
         }

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use moat_proto::broker::{PoolStatus, SandboxConfig};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::image::PreparedImage;
 use super::spec::SandboxSpec;
@@ -29,8 +29,22 @@ use crate::config::PoolEntry;
 const TICK: Duration = Duration::from_secs(1);
 /// How long a claim waits for a pool VM's agent to answer a Hello.
 const CLAIM_HELLO_WAIT: Duration = Duration::from_secs(1);
-/// Longest wait between boot attempts of an entry that keeps failing.
+/// Longest wait between boot attempts of an entry that keeps failing
+/// (unless `pool.retry_secs` is longer).
 const MAX_RETRY: Duration = Duration::from_secs(60);
+/// How long a broker's shutdown waits for pool boots in progress.
+const SHUTDOWN_BOOT_WAIT: Duration = Duration::from_secs(30);
+
+/// Lowers an entry's count of VMs booting when dropped, however the boot
+/// task ends (a panic included).
+struct Booting(Arc<Entry>);
+
+impl Drop for Booting {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.booting = st.booting.saturating_sub(1);
+    }
+}
 
 /// One entry: what it serves and its VMs.
 #[derive(Debug)]
@@ -171,7 +185,8 @@ impl Pool {
         });
     }
 
-    /// Removes dead VMs and starts boots up to each entry's target.
+    /// Removes every entry's dead VMs, then starts boots, one per entry in
+    /// turn (so no entry starves another), while refill places are free.
     async fn refill_round(self: &Arc<Self>) {
         for entry in &self.entries {
             let dead: Vec<PooledVm> = {
@@ -187,7 +202,10 @@ impl Pool {
                 tracing::warn!(pool = %entry.name, console = ?vm.console_tail(), "a pool VM died while waiting; replacing it");
                 self.discard(vm);
             }
-            loop {
+        }
+        loop {
+            let mut started = false;
+            for entry in &self.entries {
                 if self.closed.load(Ordering::SeqCst) {
                     return;
                 }
@@ -195,47 +213,68 @@ impl Pool {
                     let st = entry.lock();
                     let have = st.ready.len() as u32 + st.booting;
                     if have >= entry.target || st.retry_at.is_some_and(|t| Instant::now() < t) {
-                        break;
+                        continue;
                     }
                 }
                 let Ok(permit) = self.refills.clone().try_acquire_owned() else {
                     return;
                 };
-                entry.lock().booting += 1;
-                let pool = self.clone();
-                let entry = entry.clone();
-                tokio::spawn(async move {
-                    let started = Instant::now();
-                    let booted = vm::boot_pooled(&pool.ctx, &entry.spec, &entry.warm).await;
-                    drop(permit);
-                    let ms = started.elapsed().as_millis() as u64;
-                    let mut st = entry.lock();
-                    st.booting -= 1;
-                    match booted {
-                        Ok(vm) if pool.closed.load(Ordering::SeqCst) => {
-                            drop(st);
-                            pool.discard(vm);
-                        }
-                        Ok(vm) => {
-                            st.ready.push_back(vm);
-                            st.refills += 1;
-                            st.refill_ms_total += ms;
-                            st.retry_at = None;
-                            st.backoff = None;
-                            tracing::info!(pool = %entry.name, ms, ready = st.ready.len(), "pool VM ready");
-                        }
-                        Err(e) => {
-                            st.failures += 1;
-                            let wait = st.backoff.map_or(pool.retry, |b| (b * 2).min(MAX_RETRY));
-                            st.backoff = Some(wait);
-                            st.retry_at = Some(Instant::now() + wait);
-                            tracing::warn!(pool = %entry.name, error = %e, retry_in = ?wait, "pool VM failed to boot");
-                        }
-                    }
-                    pool.wake.notify_one();
-                });
+                self.spawn_boot(entry.clone(), permit);
+                started = true;
+            }
+            if !started {
+                return;
             }
         }
+    }
+
+    /// Boots one VM for `entry` on a task of its own. The entry counts it
+    /// as booting until it is ready, or destroyed (failed, or booted after
+    /// the pool closed).
+    fn spawn_boot(self: &Arc<Self>, entry: Arc<Entry>, permit: OwnedSemaphorePermit) {
+        entry.lock().booting += 1;
+        let booting = Booting(entry.clone());
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let booted = vm::boot_pooled(&pool.ctx, &entry.spec, &entry.warm).await;
+            drop(permit);
+            let ms = started.elapsed().as_millis() as u64;
+            match booted {
+                Ok(vm) if pool.closed.load(Ordering::SeqCst) => {
+                    if let Err(e) = vm.destroy(&pool.ctx).await {
+                        tracing::error!(error = %e, "cleanup of a pool VM booted during shutdown");
+                    }
+                }
+                Ok(vm) => {
+                    let mut st = entry.lock();
+                    st.ready.push_back(vm);
+                    st.refills += 1;
+                    st.refill_ms_total += ms;
+                    st.retry_at = None;
+                    st.backoff = None;
+                    tracing::info!(pool = %entry.name, ms, ready = st.ready.len(), "pool VM ready");
+                }
+                Err(e) => {
+                    let mut st = entry.lock();
+                    st.failures += 1;
+                    // Doubling from retry_secs, never above the larger of
+                    // it and MAX_RETRY.
+                    let cap = MAX_RETRY.max(pool.retry);
+                    let wait = st.backoff.map_or(pool.retry, |b| (b * 2).min(cap));
+                    st.backoff = Some(wait);
+                    st.retry_at = Some(Instant::now() + wait);
+                    tracing::warn!(pool = %entry.name, error = %e, retry_in = ?wait, "pool VM failed to boot");
+                }
+            }
+            drop(booting);
+            pool.wake.notify_one();
+        });
+    }
+
+    /// VMs booting in every entry.
+    fn booting(&self) -> u32 {
+        self.entries.iter().map(|e| e.lock().booting).sum()
     }
 
     /// Destroys a VM in the background.
@@ -298,11 +337,22 @@ impl Pool {
             .collect()
     }
 
-    /// Stops refilling and destroys every ready VM (VMs still booting are
-    /// destroyed when their boot ends, or by the next broker's sweep).
+    /// Stops refilling, waits (up to [`SHUTDOWN_BOOT_WAIT`]) for boots in
+    /// progress, which destroy their VMs, and destroys every ready VM. A
+    /// boot still running after the wait is left to the next broker's sweep.
     pub async fn shutdown(&self) {
         self.closed.store(true, Ordering::SeqCst);
         self.wake.notify_one();
+        let until = Instant::now() + SHUTDOWN_BOOT_WAIT;
+        while self.booting() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if self.booting() > 0 {
+            tracing::warn!(
+                booting = self.booting(),
+                "pool VMs still booting at shutdown: the next broker's start-up sweep removes them"
+            );
+        }
         let vms: Vec<PooledVm> = self
             .entries
             .iter()
