@@ -222,17 +222,7 @@ impl Sandboxes {
         config: &SandboxConfig,
         namespace: &str,
     ) -> Result<SandboxSpec, spec::SpecError> {
-        let cfg = &self.ctx.config;
-        SandboxSpec::from_config(
-            config,
-            namespace,
-            spec::SpecLimits {
-                limits: &cfg.limits,
-                images: &cfg.images,
-                volumes: &cfg.volumes,
-                network: &cfg.network,
-            },
-        )
+        SandboxSpec::from_config(config, namespace, spec::SpecLimits::of(&self.ctx.config))
     }
 
     fn stored_dependencies(&self, key: &SandboxKey) -> Option<Vec<String>> {

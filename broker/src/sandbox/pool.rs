@@ -101,7 +101,6 @@ impl Entry {
 /// The entry's definition, checked like a request's (so an entry can only
 /// ask for what a caller could).
 fn entry_spec(ctx: &LaunchContext, e: &PoolEntry) -> Result<SandboxSpec, String> {
-    let cfg = &ctx.config;
     let config = SandboxConfig {
         image: e.image.clone(),
         memory_mib: e.memory_mib,
@@ -109,17 +108,8 @@ fn entry_spec(ctx: &LaunchContext, e: &PoolEntry) -> Result<SandboxSpec, String>
         scope: Some("none".into()),
         ..SandboxConfig::default()
     };
-    SandboxSpec::from_config(
-        &config,
-        "pool",
-        super::spec::SpecLimits {
-            limits: &cfg.limits,
-            images: &cfg.images,
-            volumes: &cfg.volumes,
-            network: &cfg.network,
-        },
-    )
-    .map_err(|e| e.to_string())
+    SandboxSpec::from_config(&config, "pool", super::spec::SpecLimits::of(&ctx.config))
+        .map_err(|e| e.to_string())
 }
 
 impl Pool {

@@ -58,6 +58,18 @@ pub struct SpecLimits<'a> {
     pub network: &'a NetworkConfig,
 }
 
+impl<'a> SpecLimits<'a> {
+    /// The checks the broker's config sets.
+    pub fn of(cfg: &'a crate::config::BrokerConfig) -> Self {
+        Self {
+            limits: &cfg.limits,
+            images: &cfg.images,
+            volumes: &cfg.volumes,
+            network: &cfg.network,
+        }
+    }
+}
+
 /// Where a sandbox's root image comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageSource {

@@ -308,12 +308,12 @@ pub async fn launch(
         Some(pool) => pool.take(&spec, &image).await,
         None => None,
     };
-    let from_pool = claimed.is_some();
     let (res, booted, (uid, gid)) = match claimed {
         Some(vm) => {
             let mut res = vm.resources;
             res.permits = Some((permit, namespace_permit));
-            let owner = (vm.uid, vm.gid);
+            // The pool serves no sandbox with volumes: its slot's uid.
+            let owner = vm_owner(ctx, &spec, res.slot);
             let recorded = journal
                 .save(|r| r.vm = Some(starting_record(res.slot, owner)))
                 .await;
@@ -410,25 +410,20 @@ pub async fn launch(
         Err(e) => Err(e),
     };
     match recorded {
-        Ok(parts) => {
-            if from_pool {
-                tracing::info!(sandbox = hostname, "sandbox set up in a warm-pool VM");
-            }
-            Ok(RunningVm {
-                cpu_percent: spawn_cpu_sampler(res.cgroup.clone(), parts.exit.clone()),
-                stopping: report_unexpected_exit(hostname, parts.exit.clone(), parts.console),
-                started_at,
-                spec,
-                effective: image.effective,
-                agent: parts.agent,
-                exit: parts.exit,
-                pid: parts.identity.map(|i| i.pid),
-                calls: Arc::new(Semaphore::new(limits.max_calls_per_sandbox as usize)),
-                repl_sessions: Default::default(),
-                last_used: Arc::new(AtomicU64::new(crate::state::now_ms())),
-                resources: res,
-            })
-        }
+        Ok(parts) => Ok(RunningVm {
+            cpu_percent: spawn_cpu_sampler(res.cgroup.clone(), parts.exit.clone()),
+            stopping: report_unexpected_exit(hostname, parts.exit.clone(), parts.console),
+            started_at,
+            spec,
+            effective: image.effective,
+            agent: parts.agent,
+            exit: parts.exit,
+            pid: parts.identity.map(|i| i.pid),
+            calls: Arc::new(Semaphore::new(limits.max_calls_per_sandbox as usize)),
+            repl_sessions: Default::default(),
+            last_used: Arc::new(AtomicU64::new(crate::state::now_ms())),
+            resources: res,
+        }),
         Err(e) => {
             if let Err(cleanup) = res.release(ctx).await {
                 tracing::error!(%cleanup, "cleanup after failed start");
@@ -529,8 +524,6 @@ async fn boot_cold(
 pub struct PooledVm {
     /// The image disk it booted (a claim must want the same one).
     pub image_disk: PathBuf,
-    uid: u32,
-    gid: u32,
     booted: Booted,
     resources: VmResources,
 }
@@ -590,6 +583,11 @@ pub async fn boot_pooled(
             return Err(e);
         }
     };
+    let vm = PooledVm {
+        image_disk: image.disk.clone(),
+        booted,
+        resources: res,
+    };
     if !warm.is_empty() {
         let eff = &image.effective;
         let req = moat_proto::agent::Warm {
@@ -598,8 +596,12 @@ pub async fn boot_pooled(
             workdir: eff.workdir.clone().unwrap_or_else(|| "/".into()),
             user: eff.user.clone().unwrap_or_default(),
         };
-        let wait = WARM_WAIT;
-        match booted.agent.call(host_message::Body::Warm(req), wait).await {
+        let warmed = vm
+            .booted
+            .agent
+            .call(host_message::Body::Warm(req), WARM_WAIT)
+            .await;
+        match warmed {
             Ok(reply) => match reply.body {
                 Some(guest_message::Body::Warm(w)) => {
                     tracing::debug!(pool_vm = name, started = ?w.started, "interpreters warm")
@@ -611,13 +613,6 @@ pub async fn boot_pooled(
                 ),
             },
             Err(e) => {
-                let vm = PooledVm {
-                    image_disk: image.disk.clone(),
-                    uid: owner.0,
-                    gid: owner.1,
-                    booted,
-                    resources: res,
-                };
                 let tail = vm.console_tail();
                 if let Err(cleanup) = vm.destroy(ctx).await {
                     tracing::error!(%cleanup, "cleanup after a failed pool warm-up");
@@ -628,13 +623,7 @@ pub async fn boot_pooled(
             }
         }
     }
-    Ok(PooledVm {
-        image_disk: image.disk.clone(),
-        uid: owner.0,
-        gid: owner.1,
-        booted,
-        resources: res,
-    })
+    Ok(vm)
 }
 
 fn unix_ms(t: std::time::SystemTime) -> u64 {
