@@ -163,3 +163,6 @@ async fn shutdown_signal() {
         () = terminate => {}
     }
 }
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -2,6 +2,8 @@
 //! [`Verifier`] checks them — signature with the configured algorithm only
 //! (`alg: none` and every other algorithm are refused before any signature
 //! work), expiry with no leeway, the claims' shape, and the revocation list.
+//! Keys that verified are remembered ([`super::verified`]) until they
+//! expire; the revocation list is asked on every request.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -13,7 +15,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use super::claims::{self, Claims};
 use super::revocation::Revocations;
 use super::secret::{Secret, SECRET_LEN};
-use super::Identity;
+use super::verified::VerifiedTokens;
+use super::{Identity, Namespaces};
 
 /// The one algorithm keys are signed with.
 pub const ALGORITHM: Algorithm = Algorithm::HS256;
@@ -93,6 +96,7 @@ pub struct Verifier {
     key: Arc<DecodingKey>,
     validation: Arc<Validation>,
     revocations: Arc<Revocations>,
+    verified: Arc<VerifiedTokens>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -115,6 +119,7 @@ impl Verifier {
             key: Arc::new(DecodingKey::from_secret(secret.bytes())),
             validation: Arc::new(validation),
             revocations: Arc::new(revocations),
+            verified: Arc::default(),
         }
     }
 
@@ -128,6 +133,23 @@ impl Verifier {
 
     /// The identity a key stands for, or why it is refused.
     pub fn verify(&self, token: &str) -> Result<Identity, KeyError> {
+        let identity = match self.verified.get(token, now()) {
+            Some(identity) => identity,
+            None => {
+                let (identity, exp) = self.verify_signed(token)?;
+                self.verified.insert(token, &identity, exp);
+                identity
+            }
+        };
+        if self.revocations.is_revoked(&identity.key_id) {
+            return Err(KeyError::Revoked(identity.key_id.to_string()));
+        }
+        Ok(identity)
+    }
+
+    /// The full check of everything but revocation: the identity and the
+    /// key's expiry.
+    fn verify_signed(&self, token: &str) -> Result<(Identity, u64), KeyError> {
         let alg = header_algorithm(token)?;
         if alg != "HS256" {
             return Err(KeyError::Algorithm(alg.chars().take(16).collect()));
@@ -154,14 +176,12 @@ impl Verifier {
             },
         )?;
         let claims = data.claims;
-        let namespaces = claims.check().map_err(KeyError::BadClaims)?;
-        if self.revocations.is_revoked(&claims.jti) {
-            return Err(KeyError::Revoked(claims.jti));
-        }
-        Ok(Identity {
-            key_id: claims.jti,
-            namespaces,
-        })
+        let namespaces: Namespaces = claims.check().map_err(KeyError::BadClaims)?;
+        let identity = Identity {
+            key_id: claims.jti.into(),
+            namespaces: Arc::new(namespaces),
+        };
+        Ok((identity, claims.exp))
     }
 }
 
@@ -227,8 +247,8 @@ mod tests {
             .issue(&["*".to_owned()], Duration::from_secs(60))
             .unwrap();
         let id = Verifier::for_tests(SECRET).verify(&token).unwrap();
-        assert_eq!(id.key_id, claims.jti);
-        assert_eq!(id.namespaces, Namespaces::All);
+        assert_eq!(*id.key_id, claims.jti);
+        assert_eq!(*id.namespaces, Namespaces::All);
         assert_eq!(claims.jti.len(), 32);
         assert_eq!(claims.exp - claims.iat, 60);
     }
@@ -329,7 +349,38 @@ mod tests {
             .issue(&["a".to_owned()], Duration::from_secs(60))
             .unwrap();
         assert!(v.verify(&token).is_ok());
+        assert!(v.verify(&token).is_ok(), "now remembered");
         super::super::revocation::append(&path, &c.jti, "test").unwrap();
         assert_eq!(v.verify(&token), Err(KeyError::Revoked(c.jti)));
+    }
+
+    #[test]
+    fn a_remembered_key_vouches_for_no_other_token() {
+        let v = Verifier::for_tests(SECRET);
+        let (token, _) = Signer::new(SECRET)
+            .issue(&["a".to_owned()], Duration::from_secs(60))
+            .unwrap();
+        assert!(v.verify(&token).is_ok());
+        let tampered = format!("{}x", &token[..token.len() - 1]);
+        assert!(v.verify(&tampered).is_err());
+        assert!(v.verify(&format!("{token} ")).is_err());
+        let foreign = Signer::new([1; 32])
+            .issue(&["a".to_owned()], Duration::from_secs(60))
+            .unwrap()
+            .0;
+        assert_eq!(v.verify(&foreign), Err(KeyError::BadSignature));
+        assert_eq!(v.verified.len(), 1, "refused keys are not remembered");
+    }
+
+    #[test]
+    fn a_remembered_key_expires_like_any_other() {
+        let v = Verifier::for_tests(SECRET);
+        let token = Signer::new(SECRET).sign(&claims(now() + 1)).unwrap();
+        assert!(v.verify(&token).is_ok());
+        std::thread::sleep(Duration::from_millis(2100));
+        assert!(
+            matches!(v.verify(&token), Err(KeyError::Expired { ref key_id, .. }) if key_id == "k1"),
+            "expired while remembered"
+        );
     }
 }

@@ -9,8 +9,10 @@ pub mod claims;
 pub mod keys;
 pub mod revocation;
 pub mod secret;
+pub mod verified;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use axum::http::{header, HeaderMap};
 use moat_proto::broker::Caller;
@@ -27,26 +29,26 @@ pub enum Namespaces {
     Only(BTreeSet<String>),
 }
 
-/// An authenticated caller.
+/// An authenticated caller (cheap to clone: requests carry one each).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     /// The key's id (`jti`), or `dev` in development mode.
-    pub key_id: String,
-    pub namespaces: Namespaces,
+    pub key_id: Arc<str>,
+    pub namespaces: Arc<Namespaces>,
 }
 
 impl Identity {
     /// The identity of every request in `--dev` mode.
     pub fn dev() -> Self {
         Identity {
-            key_id: "dev".to_owned(),
-            namespaces: Namespaces::All,
+            key_id: "dev".into(),
+            namespaces: Arc::new(Namespaces::All),
         }
     }
 
     /// Whether this caller may use `namespace`.
     pub fn covers(&self, namespace: &str) -> bool {
-        match &self.namespaces {
+        match &*self.namespaces {
             Namespaces::All => true,
             Namespaces::Only(set) => set.contains(namespace),
         }
@@ -68,8 +70,8 @@ impl Identity {
     /// Who asked, as the broker's requests carry it.
     pub fn caller(&self) -> Caller {
         Caller {
-            key_id: self.key_id.clone(),
-            namespaces: match &self.namespaces {
+            key_id: self.key_id.to_string(),
+            namespaces: match &*self.namespaces {
                 Namespaces::All => vec!["*".to_owned()],
                 Namespaces::Only(set) => set.iter().cloned().collect(),
             },
@@ -126,7 +128,9 @@ mod tests {
     fn only(names: &[&str]) -> Identity {
         Identity {
             key_id: "k1".into(),
-            namespaces: Namespaces::Only(names.iter().map(|s| s.to_string()).collect()),
+            namespaces: Arc::new(Namespaces::Only(
+                names.iter().map(|s| s.to_string()).collect(),
+            )),
         }
     }
 
@@ -176,13 +180,13 @@ mod tests {
             HeaderValue::from_str(&format!("bearer {token}")).unwrap(),
         );
         let id = auth.authenticate(&headers).unwrap();
-        assert_eq!(id.key_id, claims.jti);
+        assert_eq!(*id.key_id, claims.jti);
         assert_eq!(id, only(&["a"]).with_key(&claims.jti));
     }
 
     impl Identity {
         fn with_key(mut self, key: &str) -> Self {
-            self.key_id = key.to_owned();
+            self.key_id = key.into();
             self
         }
     }

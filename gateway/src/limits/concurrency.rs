@@ -35,10 +35,14 @@ impl ConcurrencyLimiter {
                 let max = self.max as usize;
                 keys.retain(|_, s| s.available_permits() < max);
             }
-            Arc::clone(
-                keys.entry(key.to_owned())
-                    .or_insert_with(|| Arc::new(Semaphore::new(self.max as usize))),
-            )
+            match keys.get(key) {
+                Some(semaphore) => Arc::clone(semaphore),
+                None => {
+                    let semaphore = Arc::new(Semaphore::new(self.max as usize));
+                    keys.insert(key.to_owned(), Arc::clone(&semaphore));
+                    semaphore
+                }
+            }
         };
         semaphore.try_acquire_owned().ok()
     }

@@ -46,10 +46,22 @@ impl RateLimiter {
         if buckets.len() > 10_000 {
             buckets.retain(|_, b| now.saturating_duration_since(b.updated) < IDLE_DROP);
         }
-        let bucket = buckets.entry(key.to_owned()).or_insert(Bucket {
-            tokens: self.burst,
-            updated: now,
-        });
+        match buckets.get_mut(key) {
+            Some(bucket) => self.take(bucket, now),
+            None => {
+                let mut bucket = Bucket {
+                    tokens: self.burst,
+                    updated: now,
+                };
+                let taken = self.take(&mut bucket, now);
+                buckets.insert(key.to_owned(), bucket);
+                taken
+            }
+        }
+    }
+
+    /// Refills `bucket` up to `now` and takes a token from it.
+    fn take(&self, bucket: &mut Bucket, now: Instant) -> Result<(), Duration> {
         let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
         bucket.updated = now;

@@ -13,6 +13,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 
+use crate::rpc::methods::Method;
 use crate::state::AppState;
 
 /// Histogram bucket bounds, seconds.
@@ -41,10 +42,10 @@ impl Histogram {
 
 #[derive(Debug, Default)]
 struct Inner {
-    http: BTreeMap<(String, u16), u64>,
-    http_latency: BTreeMap<String, Histogram>,
-    calls: BTreeMap<(String, String, String), u64>,
-    call_latency: BTreeMap<(String, String), Histogram>,
+    http: BTreeMap<(&'static str, u16), u64>,
+    http_latency: BTreeMap<&'static str, Histogram>,
+    calls: BTreeMap<(&'static str, &'static str, &'static str), u64>,
+    call_latency: BTreeMap<(&'static str, &'static str), Histogram>,
     errors: BTreeMap<i32, u64>,
 }
 
@@ -76,31 +77,28 @@ impl Metrics {
     /// One HTTP request answered.
     pub fn http_request(&self, route: &'static str, status: u16, took: Duration) {
         let mut inner = self.lock();
-        *inner.http.entry((route.to_owned(), status)).or_default() += 1;
+        *inner.http.entry((route, status)).or_default() += 1;
         inner
             .http_latency
-            .entry(route.to_owned())
+            .entry(route)
             .or_default()
             .observe(took.as_secs_f64());
     }
 
     /// One sandbox operation (JSON-RPC call or MCP tool call) done.
-    pub fn rpc_call(&self, via: &str, method: &str, code: Option<i32>, took: Duration) {
+    pub fn rpc_call(&self, via: &'static str, method: &str, code: Option<i32>, took: Duration) {
         // Unknown method names are the caller's text: one bucket for them.
-        let method = if method.starts_with("sandbox.") && !method.contains('"') {
-            method
-        } else {
-            "unknown"
-        };
+        let method = Method::ALL
+            .into_iter()
+            .map(Method::name)
+            .find(|name| *name == method)
+            .unwrap_or("unknown");
         let outcome = if code.is_some() { "error" } else { "ok" };
         let mut inner = self.lock();
-        *inner
-            .calls
-            .entry((via.to_owned(), method.to_owned(), outcome.to_owned()))
-            .or_default() += 1;
+        *inner.calls.entry((via, method, outcome)).or_default() += 1;
         inner
             .call_latency
-            .entry((via.to_owned(), method.to_owned()))
+            .entry((via, method))
             .or_default()
             .observe(took.as_secs_f64());
         if let Some(code) = code {

@@ -117,7 +117,7 @@ pub async fn perform(
             Ok(results::repl(&run, reply))
         }
         Action::Metrics(query) => {
-            let (namespaces, all_namespaces) = match (&query.namespace, &identity.namespaces) {
+            let (namespaces, all_namespaces) = match (&query.namespace, &*identity.namespaces) {
                 (Some(ns), _) => (vec![ns.clone()], false),
                 (None, Namespaces::All) => (Vec::new(), true),
                 (None, Namespaces::Only(set)) => (set.iter().cloned().collect(), false),
