@@ -54,8 +54,15 @@ pub fn parse(out: &str) -> Load {
 }
 
 /// `wrk -t2 -c<connections> -d<secs>s --latency` against `url`, with a
-/// Lua `script` for non-GET requests.
+/// Lua `script` for non-GET requests; every answer must be a 2xx.
 pub fn run(url: &str, script: Option<&Path>, connections: u32, secs: u32) -> Load {
+    let (load, text) = run_any(url, script, connections, secs);
+    assert_eq!(load.non_2xx, 0, "error answers under load:\n{text}");
+    load
+}
+
+/// [`run`] for answers of any status; also wrk's output.
+pub fn run_any(url: &str, script: Option<&Path>, connections: u32, secs: u32) -> (Load, String) {
     let mut cmd = Command::new("wrk");
     cmd.args([
         "-t2",
@@ -76,9 +83,7 @@ pub fn run(url: &str, script: Option<&Path>, connections: u32, secs: u32) -> Loa
         "wrk failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let load = parse(&text);
-    assert_eq!(load.non_2xx, 0, "error answers under load:\n{text}");
-    load
+    (parse(&text), text.into_owned())
 }
 
 /// nginx in the foreground serving one small file at `/index.html`,

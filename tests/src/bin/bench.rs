@@ -16,7 +16,9 @@
 //! - Throughput: start → `true` → stop cycles per minute with 4 clients.
 //! - Gateway: requests/s and p99 of `GET /api/v1/health` and an
 //!   authenticated `sandbox.metrics.get` under wrk, next to nginx serving a
-//!   small static file on the same machine at the same concurrency.
+//!   small static file on the same machine at the same concurrency; and an
+//!   unknown path (404 from the HTTP stack and request middleware alone),
+//!   the ceiling of anything the gateway answers.
 //!
 //! Usage (root, after `make setup`):
 //! `moat-bench [--runs N] [--http-secs N] [--json FILE] [--only SECTIONS]`
@@ -248,6 +250,18 @@ fn gateway(f: &mut Figures, secs: u32) {
             CONNECTIONS,
             secs,
         ),
+    );
+    // The ceiling of anything the gateway answers here: its HTTP stack
+    // and request middleware alone (no key, no handler, no broker).
+    let (stack, text) = wrk::run_any(&format!("{}/nope", s.url), None, CONNECTIONS, secs);
+    assert!(
+        stack.non_2xx > 0 && text.contains("Requests/sec"),
+        "unknown paths are answered 404:\n{text}"
+    );
+    row(f, "GET unknown path (404: HTTP stack + middleware)", stack);
+    f.ratio(
+        "unknown path req/s / nginx req/s",
+        stack.requests_per_sec / base.requests_per_sec,
     );
     f.ratio(
         "health req/s / nginx req/s",
