@@ -36,18 +36,6 @@ pub fn next_id() -> String {
     )
 }
 
-/// A client address as logged: the address, or `-` when unknown.
-struct ClientAddr(Option<std::net::IpAddr>);
-
-impl std::fmt::Display for ClientAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(ip) => ip.fmt(f),
-            None => f.write_str("-"),
-        }
-    }
-}
-
 /// The middleware (`axum::middleware::from_fn_with_state`).
 pub async fn track(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -58,7 +46,7 @@ pub async fn track(State(state): State<AppState>, mut request: Request, next: Ne
     let span = tracing::info_span!(
         "request",
         request_id = %id,
-        client = %ClientAddr(client),
+        client = client.map(|ip| ip.to_string()).unwrap_or_else(|| "-".to_owned()),
         method = %request.method(),
         route,
     );
