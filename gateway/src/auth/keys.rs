@@ -16,7 +16,7 @@ use super::claims::{self, Claims};
 use super::revocation::Revocations;
 use super::secret::{Secret, SECRET_LEN};
 use super::verified::VerifiedTokens;
-use super::{Identity, Namespaces};
+use super::Identity;
 
 /// The one algorithm keys are signed with.
 pub const ALGORITHM: Algorithm = Algorithm::HS256;
@@ -176,7 +176,7 @@ impl Verifier {
             },
         )?;
         let claims = data.claims;
-        let namespaces: Namespaces = claims.check().map_err(KeyError::BadClaims)?;
+        let namespaces = claims.check().map_err(KeyError::BadClaims)?;
         let identity = Identity {
             key_id: claims.jti.into(),
             namespaces: Arc::new(namespaces),

@@ -88,11 +88,7 @@ impl Metrics {
     /// One sandbox operation (JSON-RPC call or MCP tool call) done.
     pub fn rpc_call(&self, via: &'static str, method: &str, code: Option<i32>, took: Duration) {
         // Unknown method names are the caller's text: one bucket for them.
-        let method = Method::ALL
-            .into_iter()
-            .map(Method::name)
-            .find(|name| *name == method)
-            .unwrap_or("unknown");
+        let method = Method::lookup(method).map_or("unknown", Method::name);
         let outcome = if code.is_some() { "error" } else { "ok" };
         let mut inner = self.lock();
         *inner.calls.entry((via, method, outcome)).or_default() += 1;
