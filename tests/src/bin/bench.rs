@@ -16,9 +16,11 @@
 //! - Throughput: start → `true` → stop cycles per minute with 4 clients.
 //! - Gateway: requests/s and p99 of `GET /api/v1/health` and an
 //!   authenticated `sandbox.metrics.get` under wrk, next to nginx serving a
-//!   small static file on the same machine at the same concurrency; and an
-//!   unknown path (404 from the HTTP stack and request middleware alone),
-//!   the ceiling of anything the gateway answers.
+//!   small static file on the same machine at the same concurrency, each
+//!   with the CPU time per request of every process involved (gateway,
+//!   broker, nginx, wrk); and an unknown path (404 from the HTTP stack and
+//!   request middleware alone), the ceiling of anything the gateway
+//!   answers.
 //!
 //! Usage (root, after `make setup`):
 //! `moat-bench [--runs N] [--http-secs N] [--json FILE] [--only SECTIONS]`
@@ -220,45 +222,75 @@ fn gateway(f: &mut Figures, secs: u32) {
     )
     .expect("write the wrk script");
     let nginx = StaticNginx::start(free_port());
-    let row = |f: &mut Figures, name: &str, load: wrk::Load| {
+    let moat = [
+        ("moat-gateway", s.gateway_pid().expect("the gateway runs")),
+        ("moat-broker", s.broker_pid().expect("the broker runs")),
+    ];
+    // One row: the load's figures, and the CPU each process spent per
+    // request (steady where requests/s is not: a shared host's other
+    // tenants take CPU time from the run, not from each request).
+    let row = |f: &mut Figures, name: &str, (load, cpu): (wrk::Load, wrk::CpuPerRequest)| {
+        let per_process: Vec<String> = cpu
+            .0
+            .iter()
+            .map(|(process, us)| format!("{process} {us:.0}"))
+            .collect();
         println!(
-            "{name:<52} {:>9.0} req/s  p50={:>7.2} ms  p99={:>7.2} ms",
-            load.requests_per_sec, load.p50_ms, load.p99_ms
+            "{name:<52} {:>9.0} req/s  p50={:>7.2} ms  p99={:>7.2} ms  CPU us/request: {}",
+            load.requests_per_sec,
+            load.p50_ms,
+            load.p99_ms,
+            per_process.join(", ")
         );
+        let cpu_json: serde_json::Map<String, Value> =
+            cpu.0.iter().map(|(p, us)| (p.clone(), json!(us))).collect();
         f.0.insert(
             name.to_string(),
-            json!({"requests_per_sec": load.requests_per_sec, "p50_ms": load.p50_ms, "p99_ms": load.p99_ms}),
+            json!({"requests_per_sec": load.requests_per_sec, "p50_ms": load.p50_ms,
+                   "p99_ms": load.p99_ms, "cpu_us_per_request": cpu_json}),
         );
-        load
+        (load, cpu)
     };
-    let base = row(
+    let (base, base_cpu) = row(
         f,
         "nginx static file (baseline)",
-        wrk::run(&nginx.url, None, CONNECTIONS, secs),
+        wrk::cpu_per_request(&[("nginx", nginx.pid())], || {
+            wrk::run(&nginx.url, None, CONNECTIONS, secs)
+        }),
     );
-    let health = row(
+    let (health, _) = row(
         f,
         "GET /api/v1/health (broker Health call)",
-        wrk::run(&format!("{}/api/v1/health", s.url), None, CONNECTIONS, secs),
+        wrk::cpu_per_request(&moat, || {
+            wrk::run(&format!("{}/api/v1/health", s.url), None, CONNECTIONS, secs)
+        }),
     );
-    let metrics = row(
+    let (metrics, metrics_cpu) = row(
         f,
         "POST sandbox.metrics.get (key + broker)",
-        wrk::run(
-            &format!("{}/api/v1/rpc", s.url),
-            Some(&script),
-            CONNECTIONS,
-            secs,
-        ),
+        wrk::cpu_per_request(&moat, || {
+            wrk::run(
+                &format!("{}/api/v1/rpc", s.url),
+                Some(&script),
+                CONNECTIONS,
+                secs,
+            )
+        }),
     );
     // The ceiling of anything the gateway answers here: its HTTP stack
     // and request middleware alone (no key, no handler, no broker).
-    let (stack, text) = wrk::run_any(&format!("{}/nope", s.url), None, CONNECTIONS, secs);
-    assert!(
-        stack.non_2xx > 0 && text.contains("Requests/sec"),
-        "unknown paths are answered 404:\n{text}"
+    let (stack, stack_cpu) = row(
+        f,
+        "GET unknown path (404: HTTP stack + middleware)",
+        wrk::cpu_per_request(&moat, || {
+            let (load, text) = wrk::run_any(&format!("{}/nope", s.url), None, CONNECTIONS, secs);
+            assert!(
+                load.non_2xx > 0 && text.contains("Requests/sec"),
+                "unknown paths are answered 404:\n{text}"
+            );
+            load
+        }),
     );
-    row(f, "GET unknown path (404: HTTP stack + middleware)", stack);
     f.ratio(
         "unknown path req/s / nginx req/s",
         stack.requests_per_sec / base.requests_per_sec,
@@ -270,6 +302,14 @@ fn gateway(f: &mut Figures, secs: u32) {
     f.ratio(
         "metrics.get req/s / nginx req/s",
         metrics.requests_per_sec / base.requests_per_sec,
+    );
+    f.ratio(
+        "unknown path server CPU per request / nginx's",
+        stack_cpu.servers() / base_cpu.servers(),
+    );
+    f.ratio(
+        "metrics.get server CPU per request / nginx's",
+        metrics_cpu.servers() / base_cpu.servers(),
     );
 }
 
