@@ -100,14 +100,6 @@ fn children_cpu_us() -> f64 {
 pub struct CpuPerRequest(pub Vec<(String, f64)>);
 
 impl CpuPerRequest {
-    /// The figure for `name` (0 when it was not measured).
-    pub fn of(&self, name: &str) -> f64 {
-        self.0
-            .iter()
-            .find(|(n, _)| n == name)
-            .map_or(0.0, |(_, us)| *us)
-    }
-
     /// The servers' figures added up (everything but wrk).
     pub fn servers(&self) -> f64 {
         self.0
@@ -270,7 +262,5 @@ mod tests {
             ("wrk".into(), 30.0),
         ]);
         assert_eq!(cpu.servers(), 90.0);
-        assert_eq!(cpu.of("wrk"), 30.0);
-        assert_eq!(cpu.of("nginx"), 0.0);
     }
 }
