@@ -3,7 +3,8 @@
 //! running) is started again by its supervisor and re-adopts what runs
 //! (the guests do not reboot: same boot id, uptime going on); a start it was
 //! in the middle of is cleaned; a broker stopped with SIGTERM leaves the VMs
-//! for the next one; a VM process killed under a sandbox is reported and
+//! (and their firewall table) for the next one, and removes the table when
+//! none runs; a VM process killed under a sandbox is reported and
 //! cleaned. Real processes and VMs throughout.
 
 use std::time::{Duration, Instant};
@@ -164,6 +165,10 @@ fn broker_sigterm_leaves_vms_for_the_next_broker() {
         log.contains("leaving the running sandboxes for the next broker"),
         "{log}"
     );
+    assert!(
+        firewall_table_exists(&s),
+        "the VM's firewall rules stay for the next broker"
+    );
 
     s.restart();
     assert_eq!(s.boot_id("stay"), id);
@@ -179,6 +184,40 @@ fn broker_sigterm_leaves_vms_for_the_next_broker() {
     s.stop_sandbox("gone");
     s.stop_sandbox("stay");
     s.assert_no_leftovers();
+}
+
+/// Whether the server's broker's nftables table is installed.
+fn firewall_table_exists(s: &Server) -> bool {
+    std::process::Command::new("nft")
+        .args(["list", "table", "inet", &s.net_table])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run nft")
+        .success()
+}
+
+#[test]
+fn a_broker_leaving_no_running_sandbox_removes_its_firewall_table() {
+    // Its drop rule for forwarded traffic that is none of its taps' would
+    // otherwise outlive it, with nothing left for it to guard.
+    let mut s = Server::start_with(leaving_vms());
+    s.start_sandbox("brief", json!({"scope": "public"}));
+    s.stop_sandbox("brief");
+    assert!(firewall_table_exists(&s), "installed while the broker runs");
+    let st = s
+        .terminate(Duration::from_secs(60))
+        .expect("stack stopped on SIGTERM");
+    assert!(st.success(), "{st}");
+    let log = s.log_text();
+    assert!(
+        !log.contains("leaving the running sandboxes for the next broker"),
+        "{log}"
+    );
+    assert!(
+        !firewall_table_exists(&s),
+        "no table left behind by a broker with nothing running:\n{log}"
+    );
 }
 
 #[test]

@@ -578,16 +578,24 @@ impl Sandboxes {
 
     /// Broker shutdown: refuses new work, then either stops every sandbox
     /// (`stop_vms`) or leaves the VMs, their firewall rules and forwarding
-    /// as they are for the next broker to re-adopt.
+    /// as they are for the next broker to re-adopt. With no VM left to
+    /// leave, the firewall table and forwarding go as at any shutdown: the
+    /// host is left as the broker found it.
     pub async fn shutdown(&self, stop_vms: bool) {
         self.shutting_down.store(true, Ordering::SeqCst);
         // Pool VMs are nobody's sandbox: never left running.
         self.pool.shutdown().await;
         if !stop_vms {
-            tracing::info!(
-                running = self.running(),
-                "leaving the running sandboxes for the next broker (lifecycle.stop_sandboxes_on_shutdown = false)"
-            );
+            let running = self.running();
+            if running > 0 {
+                tracing::info!(
+                    running,
+                    "leaving the running sandboxes for the next broker (lifecycle.stop_sandboxes_on_shutdown = false)"
+                );
+            } else {
+                tracing::info!("no sandbox is running: removing the firewall table and forwarding");
+                self.ctx.network.shutdown();
+            }
             return;
         }
         let entries: Vec<(SandboxKey, Arc<AsyncMutex<Entry>>)> = {
