@@ -6,8 +6,6 @@
 //! broker being away.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moat_gateway::broker::Broker;
@@ -28,13 +26,11 @@ const DEADLINE: Duration = Duration::from_secs(5);
 /// `RunCommand`.
 struct FakeBroker {
     generation: u32,
-    calls: Arc<AtomicUsize>,
 }
 
 #[tonic::async_trait]
 impl BrokerService for FakeBroker {
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthReply>, Status> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(HealthReply {
             version: format!("generation-{}", self.generation),
             ..Default::default()
@@ -96,7 +92,7 @@ struct Server {
 }
 
 /// Serves a [`FakeBroker`] on `socket`.
-fn serve(socket: &Path, generation: u32, calls: Arc<AtomicUsize>) -> Server {
+fn serve(socket: &Path, generation: u32) -> Server {
     let _ = std::fs::remove_file(socket);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -109,7 +105,7 @@ fn serve(socket: &Path, generation: u32, calls: Arc<AtomicUsize>) -> Server {
     };
     runtime.spawn(async move {
         tonic::transport::Server::builder()
-            .add_service(BrokerServer::new(FakeBroker { generation, calls }))
+            .add_service(BrokerServer::new(FakeBroker { generation }))
             .serve_with_incoming(UnixListenerStream::new(listener))
             .await
             .expect("serve");
@@ -131,7 +127,7 @@ async fn stop(server: Server) {
 async fn calls_replies_and_statuses_go_through() {
     let dir = tempfile::tempdir().unwrap();
     let socket = socket_in(&dir);
-    let server = serve(&socket, 1, Arc::default());
+    let server = serve(&socket, 1);
     let broker = Broker::connect_lazy(&socket, 64);
 
     let health = broker.health(DEADLINE).await.expect("health");
@@ -181,7 +177,7 @@ async fn a_broker_that_goes_away_and_comes_back_is_found_again() {
         "{err:?}"
     );
 
-    let server = serve(&socket, 1, Arc::default());
+    let server = serve(&socket, 1);
     let found = wait_for_health(&broker).await;
     assert_eq!(found.version, "generation-1");
 
@@ -199,7 +195,7 @@ async fn a_broker_that_goes_away_and_comes_back_is_found_again() {
     );
     assert_eq!(err.code().code(), -32000, "{err:?}");
 
-    let server = serve(&socket, 2, Arc::default());
+    let server = serve(&socket, 2);
     let found = wait_for_health(&broker).await;
     assert_eq!(found.version, "generation-2", "the new broker answers");
     for _ in 0..8 {
@@ -213,7 +209,7 @@ async fn a_broker_that_goes_away_and_comes_back_is_found_again() {
 async fn a_connection_broken_during_a_call_fails_that_call_as_the_broker_away() {
     let dir = tempfile::tempdir().unwrap();
     let socket = socket_in(&dir);
-    let server = serve(&socket, 1, Arc::default());
+    let server = serve(&socket, 1);
     let broker = Broker::connect_lazy(&socket, 64);
     let call = {
         let broker = broker.clone();
@@ -240,8 +236,7 @@ async fn a_connection_broken_during_a_call_fails_that_call_as_the_broker_away() 
 async fn concurrent_first_calls_on_fresh_connections_all_succeed() {
     let dir = tempfile::tempdir().unwrap();
     let socket = socket_in(&dir);
-    let calls = Arc::new(AtomicUsize::new(0));
-    let server = serve(&socket, 1, calls.clone());
+    let server = serve(&socket, 1);
     let broker = Broker::connect_lazy(&socket, 1024);
     let tasks: Vec<_> = (0..64)
         .map(|i| {
