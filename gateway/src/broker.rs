@@ -8,10 +8,13 @@
 //! holds a permit of the gateway-wide bound on calls in flight
 //! ([`BrokerCalls`]) for every call, gives every call a deadline, and turns
 //! every failure into the wire error through [`crate::error::from_status`].
+//! Identical health and metrics questions share calls, and a metrics
+//! answer is kept for `metrics_max_age` unless a start or stop through
+//! this gateway ended since its call was sent ([`Coalescer`]).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,9 +31,11 @@ use crate::coalesce::Coalescer;
 use crate::error::{from_status, RpcError};
 use crate::limits::broker_calls::BrokerCalls;
 
-/// What a `GetMetrics` asks, without who asks.
+/// What a `GetMetrics` asks, without who asks, and after which start or
+/// stop (the count of those that ended before it was asked).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct MetricsQuestion {
+    after_changes: u64,
     all_namespaces: bool,
     namespaces: Vec<String>,
     sandbox: Option<String>,
@@ -48,6 +53,8 @@ pub struct Broker {
     /// Keyed by the deadline: a request never waits longer than its own.
     health_flights: Arc<Coalescer<Duration, Result<HealthReply, RpcError>>>,
     metrics_flights: Arc<Coalescer<MetricsQuestion, Result<GetMetricsReply, RpcError>>>,
+    /// Starts and stops that ended (answered, failed or cancelled).
+    changes: Arc<AtomicU64>,
     next: Arc<AtomicUsize>,
     socket: Arc<PathBuf>,
     calls: BrokerCalls,
@@ -59,8 +66,13 @@ impl Broker {
     /// [`RpcError::at_capacity`]). Nothing is connected until the first
     /// call; a broker that is down makes calls fail with `-32000` (HTTP
     /// 503), and a later call connects again. Must be called inside a Tokio
-    /// runtime.
-    pub fn connect_lazy(socket: impl Into<PathBuf>, max_calls: usize) -> Self {
+    /// runtime. A metrics answer may be given again for `metrics_max_age`
+    /// after its call was sent (zero: only to requests joining the call).
+    pub fn connect_lazy(
+        socket: impl Into<PathBuf>,
+        max_calls: usize,
+        metrics_max_age: Duration,
+    ) -> Self {
         let socket = Arc::new(socket.into());
         let backoff = Arc::new(crate::dial_backoff::DialBackoff::default());
         let clients = (0..CONNECTIONS)
@@ -69,7 +81,8 @@ impl Broker {
         Broker {
             clients,
             health_flights: Arc::default(),
-            metrics_flights: Arc::default(),
+            metrics_flights: Arc::new(Coalescer::keeping_for(metrics_max_age)),
+            changes: Arc::default(),
             next: Arc::new(AtomicUsize::new(0)),
             socket,
             calls: BrokerCalls::new(max_calls),
@@ -96,7 +109,7 @@ impl Broker {
     /// one call ([`Coalescer`]).
     pub async fn health(&self, deadline: Duration) -> Result<HealthReply, RpcError> {
         self.health_flights
-            .run(deadline, || async {
+            .run(deadline, Result::is_ok, || async {
                 let mut client = self.client();
                 self.call(deadline, HealthRequest {}, |req| async move {
                     client.health(req).await
@@ -112,6 +125,7 @@ impl Broker {
         request: StartSandboxRequest,
         deadline: Duration,
     ) -> Result<StartSandboxReply, RpcError> {
+        let _change = Change(&self.changes);
         let mut client = self.client();
         self.call(deadline, request, |req| async move {
             client.start_sandbox(req).await
@@ -125,6 +139,7 @@ impl Broker {
         request: StopSandboxRequest,
         deadline: Duration,
     ) -> Result<StopSandboxReply, RpcError> {
+        let _change = Change(&self.changes);
         let mut client = self.client();
         self.call(deadline, request, |req| async move {
             client.stop_sandbox(req).await
@@ -158,20 +173,24 @@ impl Broker {
         .await
     }
 
-    /// `GetMetrics`. Concurrent requests asking the same question share
-    /// one call ([`Coalescer`]); the broker hears the first one's caller.
+    /// `GetMetrics`. Requests asking the same question share one call
+    /// ([`Coalescer`]), and a good answer serves the same question for
+    /// `metrics_max_age` after its call was sent, unless a start or stop
+    /// ended since (then the question is asked again); the broker hears
+    /// the first asker's caller.
     pub async fn get_metrics(
         &self,
         request: GetMetricsRequest,
         deadline: Duration,
     ) -> Result<GetMetricsReply, RpcError> {
         let question = MetricsQuestion {
+            after_changes: self.changes.load(Ordering::Acquire),
             all_namespaces: request.all_namespaces,
             namespaces: request.namespaces.clone(),
             sandbox: request.sandbox.clone(),
         };
         self.metrics_flights
-            .run(question, || async {
+            .run(question, Result::is_ok, || async {
                 let mut client = self.client();
                 self.call(deadline, request, |req| async move {
                     client.get_metrics(req).await
@@ -246,6 +265,16 @@ fn lazy_channel(socket: &Arc<PathBuf>, backoff: &Arc<crate::dial_backoff::DialBa
             }
         },
     ))
+}
+
+/// Counts a start or stop as ended when dropped: answered, failed, or
+/// abandoned by its caller (the broker may have changed something anyway).
+struct Change<'a>(&'a AtomicU64);
+
+impl Drop for Change<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
 }
 
 fn deadline_exceeded(deadline: Duration) -> tonic::Status {

@@ -1,79 +1,128 @@
-//! Coalescing of identical reads in flight: while one `GetMetrics` (or
-//! `Health`) call for a given question is on its way to the broker, other
-//! requests asking exactly the same question wait for its answer instead of
-//! sending their own. The answer a request gets was computed after the call
-//! it joined was sent, so it is never older than one broker round trip; no
-//! answer outlives its call (this is not a cache). The question is the
-//! whole broker request minus who asked (the namespaces it covers are part
-//! of it), so a caller never sees an answer to a wider question than its
-//! own; each request is still authenticated, authorized and audited alone.
+//! Sharing of identical reads: while one `GetMetrics` (or `Health`) call
+//! for a given question is on its way to the broker, other requests asking
+//! exactly the same question wait for its answer instead of sending their
+//! own. A coalescer may also keep a good answer for a bounded time
+//! (`max_age`, measured from when its call was sent) and give it to later
+//! requests asking the same question; with `max_age` zero nothing outlives
+//! its call. Answers that `keep` refuses (errors) are never kept. The
+//! question is the whole broker request minus who asked (the namespaces it
+//! covers are part of it), so a caller never sees an answer to a wider
+//! question than its own; each request is still authenticated, authorized
+//! and audited alone. Callers that must not see answers from before some
+//! event (a start or stop) put a generation in the question.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
 
-/// Calls in flight, by question.
+/// Kept answers beyond which a new question first drops the expired ones.
+const PRUNE_ABOVE: usize = 256;
+
+/// One call for a question: in flight, or answered at most `max_age` ago.
+#[derive(Debug)]
+struct Flight<V> {
+    sent: Instant,
+    answer: Arc<OnceCell<V>>,
+}
+
+/// Calls in flight and kept answers, by question.
 #[derive(Debug)]
 pub struct Coalescer<K, V> {
-    flights: Mutex<HashMap<K, Arc<OnceCell<V>>>>,
+    max_age: Duration,
+    flights: Mutex<HashMap<K, Flight<V>>>,
 }
 
 impl<K, V> Default for Coalescer<K, V> {
+    /// Shares calls in flight only: no answer outlives its call.
     fn default() -> Self {
+        Self::keeping_for(Duration::ZERO)
+    }
+}
+
+impl<K, V> Coalescer<K, V> {
+    /// A coalescer that also gives a kept answer to requests arriving up
+    /// to `max_age` after its call was sent.
+    pub fn keeping_for(max_age: Duration) -> Self {
         Self {
+            max_age,
             flights: Mutex::new(HashMap::new()),
         }
     }
 }
 
 impl<K: Eq + Hash + Clone, V: Clone> Coalescer<K, V> {
-    /// The answer to `key`: from the call in flight for it if there is one,
-    /// else from `call`, which then serves whoever joins while it runs.
-    pub async fn run<F, Fut>(&self, key: K, call: F) -> V
+    /// The answer to `key`: from the call in flight for it, or from a kept
+    /// answer still young enough, else from `call`, which then serves
+    /// whoever asks while it runs (and, if `keep` accepts its answer, for
+    /// `max_age` after it was sent).
+    pub async fn run<F, Fut>(&self, key: K, keep: fn(&V) -> bool, call: F) -> V
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = V>,
     {
-        let flight = {
-            let mut map = self.lock();
-            map.entry(key.clone()).or_default().clone()
-        };
+        let cell = self.join(&key);
         // Removes the flight when this request is the last one holding it
         // and no answer came (every request for it gone: cancelled).
         let _leave = Leave {
             coalescer: self,
             key: &key,
-            flight: &flight,
+            answer: &cell,
         };
-        let answer = flight
-            .get_or_init(|| async {
-                let answer = call().await;
+        cell.get_or_init(|| async {
+            let answer = call().await;
+            if self.max_age.is_zero() || !keep(&answer) {
                 // Later requests start a call of their own.
-                self.forget(&key, &flight);
-                answer
-            })
-            .await;
-        answer.clone()
+                self.forget(&key, &cell);
+            }
+            answer
+        })
+        .await
+        .clone()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Arc<OnceCell<V>>>> {
+    /// The answer cell for `key`: the live flight's, or a new flight's.
+    fn join(&self, key: &K) -> Arc<OnceCell<V>> {
+        let now = Instant::now();
+        let mut map = self.lock();
+        if let Some(flight) = map.get(key) {
+            if !flight.answer.initialized() || now.duration_since(flight.sent) < self.max_age {
+                return flight.answer.clone();
+            }
+        }
+        if map.len() >= PRUNE_ABOVE {
+            let max_age = self.max_age;
+            map.retain(|_, f| !f.answer.initialized() || now.duration_since(f.sent) < max_age);
+        }
+        let answer = Arc::new(OnceCell::new());
+        map.insert(
+            key.clone(),
+            Flight {
+                sent: now,
+                answer: answer.clone(),
+            },
+        );
+        answer
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Flight<V>>> {
         self.flights.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Drops `key`'s entry if it is still `flight`.
-    fn forget(&self, key: &K, flight: &Arc<OnceCell<V>>) {
+    /// Drops `key`'s entry if it is still `answer`'s flight.
+    fn forget(&self, key: &K, answer: &Arc<OnceCell<V>>) {
         let mut map = self.lock();
-        if map.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+        if map.get(key).is_some_and(|f| Arc::ptr_eq(&f.answer, answer)) {
             map.remove(key);
         }
     }
 
-    /// Questions with a call in flight (for tests).
+    /// Questions with a call in flight or an answer kept (for tests).
     #[cfg(test)]
-    fn in_flight(&self) -> usize {
+    fn held(&self) -> usize {
         self.flights.lock().map(|m| m.len()).unwrap_or(0)
     }
 }
@@ -82,14 +131,14 @@ impl<K: Eq + Hash + Clone, V: Clone> Coalescer<K, V> {
 struct Leave<'a, K: Eq + Hash + Clone, V: Clone> {
     coalescer: &'a Coalescer<K, V>,
     key: &'a K,
-    flight: &'a Arc<OnceCell<V>>,
+    answer: &'a Arc<OnceCell<V>>,
 }
 
 impl<K: Eq + Hash + Clone, V: Clone> Drop for Leave<'_, K, V> {
     fn drop(&mut self) {
         // Held by the map and by this request only: nobody else waits.
-        if !self.flight.initialized() && Arc::strong_count(self.flight) <= 2 {
-            self.coalescer.forget(self.key, self.flight);
+        if !self.answer.initialized() && Arc::strong_count(self.answer) <= 2 {
+            self.coalescer.forget(self.key, self.answer);
         }
     }
 }
@@ -100,6 +149,24 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
+    fn always(_: &usize) -> bool {
+        true
+    }
+
+    /// Asks `key` of `c` with a call that counts itself in `calls` and
+    /// answers the count.
+    async fn ask_counted(
+        c: &Coalescer<&'static str, usize>,
+        key: &'static str,
+        calls: &AtomicUsize,
+        keep: fn(&usize) -> bool,
+    ) -> usize {
+        c.run(key, keep, || async {
+            calls.fetch_add(1, Ordering::SeqCst) + 1
+        })
+        .await
+    }
+
     #[tokio::test]
     async fn concurrent_identical_questions_share_one_call_and_later_ones_ask_again() {
         let c: Arc<Coalescer<&str, usize>> = Arc::default();
@@ -108,7 +175,7 @@ mod tests {
         let ask = |key: &'static str| {
             let (c, calls, mut gate) = (c.clone(), calls.clone(), gate.clone());
             tokio::spawn(async move {
-                c.run(key, || async move {
+                c.run(key, always, || async move {
                     let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
                     let _ = gate.wait_for(|open| *open).await;
                     n
@@ -127,7 +194,7 @@ mod tests {
         }
         assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
         assert_ne!(other.await.unwrap(), answers[0]);
-        assert_eq!(c.in_flight(), 0, "no answer outlives its call");
+        assert_eq!(c.held(), 0, "no answer outlives its call");
         let later = ask("a").await.unwrap();
         assert_eq!(
             calls.load(Ordering::SeqCst),
@@ -143,7 +210,7 @@ mod tests {
         let asker = {
             let c = c.clone();
             tokio::spawn(async move {
-                c.run("q", || async {
+                c.run("q", always, || async {
                     tokio::time::sleep(Duration::from_secs(60)).await;
                     1
                 })
@@ -151,9 +218,60 @@ mod tests {
             })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(c.in_flight(), 1);
+        assert_eq!(c.held(), 1);
         asker.abort();
         let _ = asker.await;
-        assert_eq!(c.in_flight(), 0, "no entry left behind by a cancelled call");
+        assert_eq!(c.held(), 0, "no entry left behind by a cancelled call");
+    }
+
+    #[tokio::test]
+    async fn a_kept_answer_serves_later_questions_until_it_is_too_old() {
+        let calls = AtomicUsize::new(0);
+        let kept = Coalescer::keeping_for(Duration::from_secs(30));
+        assert_eq!(ask_counted(&kept, "a", &calls, always).await, 1);
+        assert_eq!(ask_counted(&kept, "a", &calls, always).await, 1, "kept");
+        assert_eq!(
+            ask_counted(&kept, "b", &calls, always).await,
+            2,
+            "own question"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+        let brief = Coalescer::keeping_for(Duration::from_millis(20));
+        assert_eq!(ask_counted(&brief, "a", &calls, always).await, 3);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(
+            ask_counted(&brief, "a", &calls, always).await,
+            4,
+            "an answer older than max_age is asked again"
+        );
+    }
+
+    #[tokio::test]
+    async fn answers_keep_refuses_are_not_kept() {
+        let calls = AtomicUsize::new(0);
+        let c = Coalescer::keeping_for(Duration::from_secs(30));
+        let odd = |n: &usize| n % 2 == 1;
+        assert_eq!(ask_counted(&c, "a", &calls, odd).await, 1);
+        assert_eq!(ask_counted(&c, "a", &calls, odd).await, 1, "1 is kept");
+        assert_eq!(ask_counted(&c, "b", &calls, odd).await, 2);
+        assert_eq!(ask_counted(&c, "b", &calls, odd).await, 3, "2 was refused");
+        assert_eq!(c.held(), 2, "a and b's 3");
+    }
+
+    #[tokio::test]
+    async fn expired_answers_are_dropped_once_many_are_held() {
+        let calls = AtomicUsize::new(0);
+        let c: Coalescer<String, usize> = Coalescer::keeping_for(Duration::from_millis(10));
+        for i in 0..PRUNE_ABOVE {
+            c.run(i.to_string(), always, || async {
+                calls.fetch_add(1, Ordering::SeqCst)
+            })
+            .await;
+        }
+        assert_eq!(c.held(), PRUNE_ABOVE);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        c.run("new".to_owned(), always, || async { 0 }).await;
+        assert_eq!(c.held(), 1, "only the new answer is left");
     }
 }

@@ -11,8 +11,8 @@
 //!   limiters and caps; [`body`]: reading request bodies.
 //! - [`rpc`]: the JSON-RPC endpoint; [`mcp`]: the MCP endpoint;
 //!   [`health`]: the health endpoint.
-//! - [`broker`]: the gRPC client; [`coalesce`]: identical reads in flight
-//!   sharing one broker call; [`error`]: the one wire error type;
+//! - [`broker`]: the gRPC client; [`coalesce`]: identical reads sharing
+//!   one broker call and, for metrics, its answer briefly; [`error`]: the one wire error type;
 //!   [`obs`]: request ids, audit lines, Prometheus metrics.
 
 pub mod app;

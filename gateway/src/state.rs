@@ -47,7 +47,11 @@ impl AppState {
     pub fn new(config: Config, authenticator: Authenticator) -> Self {
         let limits = &config.limits;
         let inner = Inner {
-            broker: Broker::connect_lazy(&config.broker_socket, limits.max_broker_calls),
+            broker: Broker::connect_lazy(
+                &config.broker_socket,
+                limits.max_broker_calls,
+                config.timeouts.metrics_max_age(),
+            ),
             authenticator,
             rate: RateLimiter::new(limits.requests_per_sec, limits.burst),
             concurrency: ConcurrencyLimiter::new(limits.max_concurrent_per_key),

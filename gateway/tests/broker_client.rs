@@ -2,10 +2,12 @@
 //! (tonic, the broker's own service trait): calls and their replies and
 //! statuses go through, a broker that goes away makes calls fail at once
 //! naming the socket, a broker that comes back on the same path is found
-//! again, and a connection broken during a call fails that call as the
-//! broker being away.
+//! again, a connection broken during a call fails that call as the
+//! broker being away, and metrics answers are kept only as long as they
+//! may be.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use moat_gateway::broker::Broker;
@@ -22,10 +24,12 @@ use tonic::{Request, Response, Status};
 const DEADLINE: Duration = Duration::from_secs(5);
 
 /// A broker that answers `Health` with its generation, lists one sandbox
-/// per namespace asked, refuses stops with `NotFound` and never answers
-/// `RunCommand`.
+/// per namespace asked (its `started_at_ms` the number of this
+/// `GetMetrics` call; a question for sandbox `fail` is refused, naming the
+/// call), refuses stops with `NotFound` and never answers `RunCommand`.
 struct FakeBroker {
     generation: u32,
+    metrics_calls: AtomicU64,
 }
 
 #[tonic::async_trait]
@@ -69,14 +73,19 @@ impl BrokerService for FakeBroker {
         &self,
         request: Request<GetMetricsRequest>,
     ) -> Result<Response<GetMetricsReply>, Status> {
+        let call = self.metrics_calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let request = request.into_inner();
+        if request.sandbox.as_deref() == Some("fail") {
+            return Err(Status::internal(format!("metrics call {call} failed")));
+        }
         let sandboxes = request
-            .into_inner()
             .namespaces
             .into_iter()
             .map(|namespace| SandboxMetrics {
                 namespace,
                 name: "x".into(),
                 running: true,
+                started_at_ms: Some(call),
                 ..Default::default()
             })
             .collect();
@@ -105,7 +114,10 @@ fn serve(socket: &Path, generation: u32) -> Server {
     };
     runtime.spawn(async move {
         tonic::transport::Server::builder()
-            .add_service(BrokerServer::new(FakeBroker { generation }))
+            .add_service(BrokerServer::new(FakeBroker {
+                generation,
+                metrics_calls: AtomicU64::new(0),
+            }))
             .serve_with_incoming(UnixListenerStream::new(listener))
             .await
             .expect("serve");
@@ -128,7 +140,7 @@ async fn calls_replies_and_statuses_go_through() {
     let dir = tempfile::tempdir().unwrap();
     let socket = socket_in(&dir);
     let server = serve(&socket, 1);
-    let broker = Broker::connect_lazy(&socket, 64);
+    let broker = Broker::connect_lazy(&socket, 64, Duration::ZERO);
 
     let health = broker.health(DEADLINE).await.expect("health");
     assert_eq!(health.version, "generation-1");
@@ -166,7 +178,7 @@ async fn calls_replies_and_statuses_go_through() {
 async fn a_broker_that_goes_away_and_comes_back_is_found_again() {
     let dir = tempfile::tempdir().unwrap();
     let socket = socket_in(&dir);
-    let broker = Broker::connect_lazy(&socket, 64);
+    let broker = Broker::connect_lazy(&socket, 64, Duration::ZERO);
 
     // Not there yet: refused at once, naming the socket.
     let err = broker.health(DEADLINE).await.expect_err("no broker yet");
@@ -210,7 +222,7 @@ async fn a_connection_broken_during_a_call_fails_that_call_as_the_broker_away() 
     let dir = tempfile::tempdir().unwrap();
     let socket = socket_in(&dir);
     let server = serve(&socket, 1);
-    let broker = Broker::connect_lazy(&socket, 64);
+    let broker = Broker::connect_lazy(&socket, 64, Duration::ZERO);
     let call = {
         let broker = broker.clone();
         tokio::spawn(async move {
@@ -237,7 +249,7 @@ async fn concurrent_first_calls_on_fresh_connections_all_succeed() {
     let dir = tempfile::tempdir().unwrap();
     let socket = socket_in(&dir);
     let server = serve(&socket, 1);
-    let broker = Broker::connect_lazy(&socket, 1024);
+    let broker = Broker::connect_lazy(&socket, 1024, Duration::ZERO);
     let tasks: Vec<_> = (0..64)
         .map(|i| {
             let broker = broker.clone();
@@ -258,6 +270,71 @@ async fn concurrent_first_calls_on_fresh_connections_all_succeed() {
         let reply = task.await.unwrap().expect("metrics");
         assert_eq!(reply.sandboxes[0].namespace, format!("ns{i}"));
     }
+    stop(server).await;
+}
+
+#[tokio::test]
+async fn a_metrics_answer_is_kept_until_too_old_or_a_start_or_stop_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = socket_in(&dir);
+    let server = serve(&socket, 1);
+    let kept = Broker::connect_lazy(&socket, 64, Duration::from_secs(60));
+    // The number of the broker call an answer came from.
+    let call_of = |broker: &Broker, namespace: &str, sandbox: Option<&str>| {
+        let (broker, namespace) = (broker.clone(), namespace.to_owned());
+        let sandbox = sandbox.map(str::to_owned);
+        async move {
+            broker
+                .get_metrics(
+                    GetMetricsRequest {
+                        namespaces: vec![namespace],
+                        sandbox,
+                        ..Default::default()
+                    },
+                    DEADLINE,
+                )
+                .await
+                .map(|reply| reply.sandboxes[0].started_at_ms.expect("numbered"))
+                .map_err(|err| err.message().to_owned())
+        }
+    };
+    let first = call_of(&kept, "a", None).await.expect("metrics");
+    assert_eq!(call_of(&kept, "a", None).await, Ok(first), "kept");
+    let other = call_of(&kept, "b", None).await.expect("metrics");
+    assert_ne!(other, first, "another question is asked of the broker");
+
+    // A stop that ended (even refused) may have changed what the broker
+    // reports: the next answer comes from a new call.
+    kept.stop_sandbox(
+        StopSandboxRequest {
+            sandbox: Some(SandboxRef {
+                namespace: "a".into(),
+                name: "gone".into(),
+            }),
+            ..Default::default()
+        },
+        DEADLINE,
+    )
+    .await
+    .expect_err("the broker refused");
+    let after_stop = call_of(&kept, "a", None).await.expect("metrics");
+    assert!(after_stop > other, "asked again after the stop");
+    assert_eq!(call_of(&kept, "a", None).await, Ok(after_stop), "kept");
+
+    // A refusal is never kept.
+    let refused = call_of(&kept, "a", Some("fail"))
+        .await
+        .expect_err("refused");
+    let again = call_of(&kept, "a", Some("fail"))
+        .await
+        .expect_err("refused");
+    assert_ne!(refused, again, "each refused question reached the broker");
+
+    // With no age allowed, every question reaches the broker.
+    let fresh = Broker::connect_lazy(&socket, 64, Duration::ZERO);
+    let one = call_of(&fresh, "a", None).await.expect("metrics");
+    let two = call_of(&fresh, "a", None).await.expect("metrics");
+    assert_ne!(one, two);
     stop(server).await;
 }
 

@@ -30,6 +30,11 @@ pub const DEFAULT_REVOCATION_FILE: &str = "/etc/moat/revoked-keys";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Default number of requests in one JSON-RPC batch.
 pub const DEFAULT_MAX_BATCH: usize = 64;
+/// Default age up to which a `sandbox.metrics.get` answer is given again:
+/// half the broker's CPU sampling interval.
+pub const DEFAULT_METRICS_MAX_AGE_MS: u64 = 500;
+/// Largest accepted `timeouts.metrics_max_age_ms`.
+pub const MAX_METRICS_MAX_AGE_MS: u64 = 60_000;
 /// Default bound on broker calls in flight (all keys together).
 pub const DEFAULT_MAX_BROKER_CALLS: usize = 256;
 /// Largest accepted `limits.max_broker_calls` (a sanity ceiling: far more
@@ -114,6 +119,11 @@ pub struct Limits {
 pub struct Timeouts {
     /// Broker `Health` (and the metrics scrape's broker question).
     pub health_secs: u64,
+    /// How long after its broker call was sent a `sandbox.metrics.get`
+    /// answer may be given again to the same question (0: only to requests
+    /// that joined the call). A start or stop through this gateway makes
+    /// the next answer fresh.
+    pub metrics_max_age_ms: u64,
     /// `StartSandbox` (boots included).
     pub start_secs: u64,
     /// `StopSandbox`.
@@ -217,6 +227,7 @@ impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
             health_secs: 5,
+            metrics_max_age_ms: DEFAULT_METRICS_MAX_AGE_MS,
             start_secs: 120,
             stop_secs: 60,
             command_default_secs: 30,
@@ -262,6 +273,11 @@ impl Deadlines {
 }
 
 impl Timeouts {
+    /// How long a metrics answer may be given again (`metrics_max_age_ms`).
+    pub fn metrics_max_age(&self) -> Duration {
+        Duration::from_millis(self.metrics_max_age_ms)
+    }
+
     /// The broker call deadlines.
     pub fn deadlines(&self) -> Deadlines {
         Deadlines {
@@ -395,6 +411,15 @@ impl Config {
                 ),
             });
         }
+        if t.metrics_max_age_ms > MAX_METRICS_MAX_AGE_MS {
+            return Err(ConfigError::Invalid {
+                field: "timeouts.metrics_max_age_ms",
+                message: format!(
+                    "at most {MAX_METRICS_MAX_AGE_MS} (a minute); got {}: lower it, or 0 to ask the broker every time",
+                    t.metrics_max_age_ms
+                ),
+            });
+        }
         if l.max_json_depth > 128 {
             return Err(ConfigError::Invalid {
                 field: "limits.max_json_depth",
@@ -491,6 +516,7 @@ max_timeout_secs = 60
 [timeouts]
 start_secs = 9
 header_read_secs = 3
+metrics_max_age_ms = 0
 [http]
 cors_allowed_origins = ["https://app.example.com"]
 trusted_proxies = ["127.0.0.1", "10.0.0.0/8", "::1"]
@@ -506,6 +532,7 @@ listen = "127.0.0.1:9555"
         assert_eq!(config.limits.requests_per_sec, 0.5);
         assert_eq!(config.deadlines().start, Duration::from_secs(9));
         assert_eq!(config.timeouts.stop_secs, 60, "unset fields keep defaults");
+        assert_eq!(config.timeouts.metrics_max_age(), Duration::ZERO);
         assert!(config.log.json);
         assert_eq!(config.trusted_proxies().len(), 3);
         assert!(config.validate().is_ok());
@@ -572,6 +599,13 @@ listen = "127.0.0.1:9555"
         let mut config = Config::default();
         config.auth.secret_file = PathBuf::from("relative");
         assert!(config.validate().is_err());
+        let mut config = dev();
+        config.timeouts.metrics_max_age_ms = MAX_METRICS_MAX_AGE_MS + 1;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("timeouts.metrics_max_age_ms") && err.contains("60000"),
+            "{err}"
+        );
         let mut config = dev();
         config.broker_socket = PathBuf::new();
         assert!(matches!(

@@ -200,14 +200,25 @@ fn pool(f: &mut Figures, runs: usize) {
     }
 }
 
-/// Gateway requests under wrk next to nginx's static file, same load.
-fn gateway(f: &mut Figures, secs: u32) {
-    const CONNECTIONS: u32 = 16;
-    let s = Server::start_with(Options {
+/// wrk connections in every gateway row (and nginx's).
+const CONNECTIONS: u32 = 16;
+
+/// A stack with keys whose per-key limits stay out of wrk's way, and
+/// `gateway_toml` added to its gateway config.
+fn bench_server(gateway_toml: &str) -> Server {
+    Server::start_with(Options {
         keys: true,
-        gateway_toml: "[limits]\nrequests_per_sec = 1000000000.0\nburst = 1000000000\nmax_concurrent_per_key = 10000\n".into(),
+        gateway_toml: format!(
+            "[limits]\nrequests_per_sec = 1000000000.0\nburst = 1000000000\n\
+             max_concurrent_per_key = 10000\n{gateway_toml}"
+        ),
         ..Options::default()
-    });
+    })
+}
+
+/// A wrk script asking `s` for `sandbox.metrics.get` of every namespace
+/// with a key of its own.
+fn metrics_script(s: &Server) -> PathBuf {
     let key = s.keygen(&["*"], "1h");
     let script = s.dir.path().join("metrics.lua");
     std::fs::write(
@@ -221,11 +232,23 @@ fn gateway(f: &mut Figures, secs: u32) {
         ),
     )
     .expect("write the wrk script");
-    let nginx = StaticNginx::start(free_port());
-    let moat = [
+    script
+}
+
+/// `s`'s gateway and broker, whose CPU time each row reads.
+fn processes(s: &Server) -> [(&'static str, i32); 2] {
+    [
         ("moat-gateway", s.gateway_pid().expect("the gateway runs")),
         ("moat-broker", s.broker_pid().expect("the broker runs")),
-    ];
+    ]
+}
+
+/// Gateway requests under wrk next to nginx's static file, same load.
+fn gateway(f: &mut Figures, secs: u32) {
+    let s = bench_server("");
+    let script = metrics_script(&s);
+    let nginx = StaticNginx::start(free_port());
+    let moat = processes(&s);
     // One row: the load's figures, and the CPU each process spent per
     // request (steady where requests/s is not: a shared host's other
     // tenants take CPU time from the run, not from each request).
@@ -267,7 +290,7 @@ fn gateway(f: &mut Figures, secs: u32) {
     );
     let (metrics, metrics_cpu) = row(
         f,
-        "POST sandbox.metrics.get (key + broker)",
+        "POST sandbox.metrics.get (key + broker, answers kept 500 ms)",
         wrk::cpu_per_request(&moat, || {
             wrk::run(
                 &format!("{}/api/v1/rpc", s.url),
@@ -291,6 +314,23 @@ fn gateway(f: &mut Figures, secs: u32) {
             load
         }),
     );
+    // The same question with no answer kept: every request that does not
+    // join a call in flight asks the broker.
+    drop(s);
+    let s = bench_server("[timeouts]\nmetrics_max_age_ms = 0\n");
+    let script = metrics_script(&s);
+    let (uncached, _) = row(
+        f,
+        "POST sandbox.metrics.get (answers not kept)",
+        wrk::cpu_per_request(&processes(&s), || {
+            wrk::run(
+                &format!("{}/api/v1/rpc", s.url),
+                Some(&script),
+                CONNECTIONS,
+                secs,
+            )
+        }),
+    );
     f.ratio(
         "unknown path req/s / nginx req/s",
         stack.requests_per_sec / base.requests_per_sec,
@@ -302,6 +342,10 @@ fn gateway(f: &mut Figures, secs: u32) {
     f.ratio(
         "metrics.get req/s / nginx req/s",
         metrics.requests_per_sec / base.requests_per_sec,
+    );
+    f.ratio(
+        "metrics.get, answers not kept, req/s / nginx req/s",
+        uncached.requests_per_sec / base.requests_per_sec,
     );
     f.ratio(
         "unknown path server CPU per request / nginx's",
