@@ -41,7 +41,10 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
 
 fn refuse(state: &AppState, err: RpcError) -> Response {
     state.metrics().error(err.code().code());
+    let request = crate::obs::request::current();
     tracing::info!(
+        request_id = %request.id,
+        client = %request.client,
         status = err.status().as_u16(),
         code = err.code().code(),
         error = %err,

@@ -28,7 +28,13 @@ pub async fn health(State(state): State<AppState>) -> Response {
                 .into_response()
         }
         Err(err) => {
-            tracing::warn!(error = %err, "health: broker not answering");
+            let request = crate::obs::request::current();
+            tracing::warn!(
+                request_id = %request.id,
+                client = %request.client,
+                error = %err,
+                "health: broker not answering"
+            );
             let mut response = (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(json!({ "message": "Service is unhealthy", "error": err.message() })),

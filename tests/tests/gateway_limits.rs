@@ -109,10 +109,15 @@ fn metrics_unix_socket_forwarded_for_audit_and_slow_clients() {
     let mut answer = String::new();
     stream.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(
-        answer.to_ascii_lowercase().contains("x-request-id:"),
-        "{answer}"
-    );
+    let request_id = answer
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-request-id:")
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no X-Request-Id: {answer}"));
+    assert_eq!(request_id.len(), 16, "{answer}");
     assert!(answer.contains("\"sandboxes\""), "{answer}");
 
     // Over TCP from an untrusted peer, X-Forwarded-For is ignored.
@@ -127,7 +132,8 @@ fn metrics_unix_socket_forwarded_for_audit_and_slow_clients() {
         Some(&body),
     );
 
-    // Audit lines name the key, the method and the client.
+    // Audit lines name the request (as its answer did), the client, the
+    // key and the method.
     let start = Instant::now();
     let log = loop {
         let log = s.log_text();
@@ -142,9 +148,10 @@ fn metrics_unix_socket_forwarded_for_audit_and_slow_clients() {
         .collect();
     assert!(
         audit.iter().any(|l| l.contains("203.0.113.9")
+            && l.contains(&format!("request_id={request_id}"))
             && l.contains(&key.id)
             && l.contains("sandbox.metrics.get")),
-        "audit lines: {audit:#?}"
+        "no audit line names the request {request_id}, its client, key and method: {audit:#?}"
     );
     assert!(
         !log.contains("198.51.100.66"),

@@ -209,7 +209,14 @@ fn open_session(state: &AppState, identity: &Identity, call: &Call) -> Response 
             return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
         }
     };
-    tracing::info!(key_id = %identity.key_id, version, "mcp session opened");
+    let request = crate::obs::request::current();
+    tracing::info!(
+        request_id = %request.id,
+        client = %request.client,
+        key_id = %identity.key_id,
+        version,
+        "mcp session opened"
+    );
     let body = RpcResponse {
         id,
         outcome: Ok(protocol::initialize_result(version)),
@@ -244,7 +251,13 @@ pub async fn delete(
         return transport_error(StatusCode::BAD_REQUEST, "missing Mcp-Session-Id header");
     };
     if state.sessions().remove(session_id, &identity.key_id) {
-        tracing::info!(key_id = %identity.key_id, "mcp session ended by the client");
+        let request = crate::obs::request::current();
+        tracing::info!(
+            request_id = %request.id,
+            client = %request.client,
+            key_id = %identity.key_id,
+            "mcp session ended by the client"
+        );
         StatusCode::NO_CONTENT.into_response()
     } else {
         transport_error(StatusCode::NOT_FOUND, "unknown or expired MCP session")

@@ -1,6 +1,7 @@
 //! The audit line: one log event (target `moat_gateway::audit`) per sandbox
-//! operation, from JSON-RPC or MCP, with the key id, namespace, sandbox,
-//! method, outcome, error code and duration. Also feeds the call counters.
+//! operation, from JSON-RPC or MCP, with the request id, client address,
+//! key id, namespace, sandbox, method, outcome, error code and duration.
+//! Also feeds the call counters.
 
 use std::time::Instant;
 
@@ -31,22 +32,24 @@ pub fn record(state: &AppState, op: &Operation<'_>, outcome: &Result<Value, RpcE
         .rpc_call(op.via, op.method, code, op.started.elapsed());
     let (key_id, method, via) = (op.key_id, op.method, op.via);
     let (namespace, sandbox, notification) = (op.namespace, op.sandbox, op.notification);
+    let request = super::request::current();
+    let (request_id, client) = (request.id, request.client);
     match outcome {
         Ok(_) => tracing::info!(
             target: "moat_gateway::audit",
-            via, key_id, %method, namespace, sandbox, notification,
+            %request_id, %client, via, key_id, %method, namespace, sandbox, notification,
             outcome = "ok", duration_ms, "sandbox operation"
         ),
         Err(err) if matches!(err.code(), ErrorCode::Internal | ErrorCode::Server) => {
             tracing::warn!(
                 target: "moat_gateway::audit",
-                via, key_id, %method, namespace, sandbox, notification, outcome = "error",
+                %request_id, %client, via, key_id, %method, namespace, sandbox, notification, outcome = "error",
                 code = err.code().code(), error = %err, duration_ms, "sandbox operation"
             )
         }
         Err(err) => tracing::info!(
             target: "moat_gateway::audit",
-            via, key_id, %method, namespace, sandbox, notification, outcome = "error",
+            %request_id, %client, via, key_id, %method, namespace, sandbox, notification, outcome = "error",
             code = err.code().code(), error = %err, duration_ms, "sandbox operation"
         ),
     }

@@ -1,9 +1,14 @@
 //! The outermost middleware: gives every request an id (returned as
-//! `X-Request-Id`), runs it inside a span carrying that id, the client's
-//! address, method and route, and counts it (status, latency) in
-//! [`super::metrics`].
+//! `X-Request-Id`), runs it with a [`RequestContext`] (that id and the
+//! client's address) that the request's log lines name, and counts it
+//! (status, latency) in [`super::metrics`]. The context is a task-local
+//! value, not a `tracing` span: entering and leaving a span on every poll,
+//! and carrying its fields into every line, cost more per request than the
+//! rest of the request's logging (measured in `docs/gateway.md`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -11,59 +16,94 @@ use axum::extract::{Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
-use tracing::Instrument;
 
 use super::client_ip::{client_ip, Peer};
 use super::metrics::route_label;
 use crate::state::AppState;
 
-/// The id of a request, in its extensions for handlers that log.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub String);
+tokio::task_local! {
+    static CONTEXT: RequestContext;
+}
 
-/// A new request id: a random per-process prefix and a counter.
-pub fn next_id() -> String {
-    static PREFIX: OnceLock<u32> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let prefix = *PREFIX.get_or_init(|| {
-        let mut b = [0u8; 4];
-        let _ = getrandom::fill(&mut b);
-        u32::from_ne_bytes(b)
-    });
-    format!(
-        "{prefix:08x}{:08x}",
-        COUNTER.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff
-    )
+/// A request's id: a random per-process prefix and a counter, shown as 16
+/// hex digits (`-` outside any request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RequestId(Option<(u32, u32)>);
+
+impl RequestId {
+    /// A new id.
+    pub fn next() -> Self {
+        static PREFIX: OnceLock<u32> = OnceLock::new();
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let prefix = *PREFIX.get_or_init(|| {
+            let mut b = [0u8; 4];
+            let _ = getrandom::fill(&mut b);
+            u32::from_ne_bytes(b)
+        });
+        RequestId(Some((prefix, COUNTER.fetch_add(1, Ordering::Relaxed))))
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some((prefix, n)) => write!(f, "{prefix:08x}{n:08x}"),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// The client's address as the logs show it (`-` when unknown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClientAddr(pub Option<IpAddr>);
+
+impl fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(ip) => ip.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// Which request a log line is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RequestContext {
+    pub id: RequestId,
+    pub client: ClientAddr,
+}
+
+/// The context of the request being served by this task (the default,
+/// shown as `-`, outside any request).
+pub fn current() -> RequestContext {
+    CONTEXT.try_with(|c| *c).unwrap_or_default()
 }
 
 /// The middleware (`axum::middleware::from_fn_with_state`).
-pub async fn track(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let id = next_id();
     let peer = request.extensions().get::<Peer>().copied();
-    let client = client_ip(peer, request.headers(), state.trusted_proxies());
+    let context = RequestContext {
+        id: RequestId::next(),
+        client: ClientAddr(client_ip(peer, request.headers(), state.trusted_proxies())),
+    };
     let route = route_label(request.uri().path());
-    let span = tracing::info_span!(
-        "request",
-        request_id = %id,
-        client = client.map(|ip| ip.to_string()).unwrap_or_else(|| "-".to_owned()),
-        method = %request.method(),
-        route,
-    );
-    request.extensions_mut().insert(RequestId(id.clone()));
-    let mut response = next.run(request).instrument(span.clone()).await;
+    let method = request.method().clone();
+    let mut response = CONTEXT.scope(context, next.run(request)).await;
     let status = response.status().as_u16();
     state
         .metrics()
         .http_request(route, status, started.elapsed());
-    span.in_scope(|| {
-        tracing::debug!(
-            status,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "answered"
-        )
-    });
-    if let Ok(value) = HeaderValue::from_str(&id) {
+    tracing::debug!(
+        request_id = %context.id,
+        client = %context.client,
+        %method,
+        route,
+        status,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "answered"
+    );
+    if let Ok(value) = HeaderValue::from_str(&context.id.to_string()) {
         response.headers_mut().insert("x-request-id", value);
     }
     response
@@ -75,10 +115,28 @@ mod tests {
 
     #[test]
     fn ids_are_unique_and_hex() {
-        let a = next_id();
-        let b = next_id();
+        let a = RequestId::next().to_string();
+        let b = RequestId::next().to_string();
         assert_ne!(a, b);
         assert_eq!(a.len(), 16);
         assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(RequestId::default().to_string(), "-");
+    }
+
+    #[tokio::test]
+    async fn the_context_is_the_requests_inside_it_only() {
+        assert_eq!(current(), RequestContext::default());
+        let context = RequestContext {
+            id: RequestId::next(),
+            client: ClientAddr(Some([192, 0, 2, 1].into())),
+        };
+        let seen = CONTEXT
+            .scope(context, async {
+                tokio::task::yield_now().await;
+                current()
+            })
+            .await;
+        assert_eq!(seen, context);
+        assert_eq!(current().client.to_string(), "-");
     }
 }

@@ -30,7 +30,14 @@ pub async fn rpc(
         Ok(payload) => payload,
         Err(err) => {
             state.metrics().error(err.code().code());
-            tracing::info!(code = err.code().code(), error = %err, "rpc request refused");
+            let request = crate::obs::request::current();
+            tracing::info!(
+                request_id = %request.id,
+                client = %request.client,
+                code = err.code().code(),
+                error = %err,
+                "rpc request refused"
+            );
             return single(Response {
                 id: Value::Null,
                 outcome: Err(err),

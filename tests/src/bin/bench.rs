@@ -15,12 +15,14 @@
 //!   and the gateway's RSS.
 //! - Throughput: start → `true` → stop cycles per minute with 4 clients.
 //! - Gateway: requests/s and p99 of `GET /api/v1/health` and an
-//!   authenticated `sandbox.metrics.get` under wrk, next to nginx serving a
-//!   small static file on the same machine at the same concurrency, each
-//!   with the CPU time per request of every process involved (gateway,
-//!   broker, nginx, wrk); and an unknown path (404 from the HTTP stack and
-//!   request middleware alone), the ceiling of anything the gateway
-//!   answers.
+//!   authenticated `sandbox.metrics.get` (answers kept the default 500 ms,
+//!   and not kept) under wrk, next to nginx serving a small static file on
+//!   the same machine at the same concurrency, each with the CPU time per
+//!   request of every process involved (gateway, broker, nginx, wrk); and
+//!   an unknown path (404 from the HTTP stack and request middleware
+//!   alone), the ceiling of anything the gateway answers. The rows run in
+//!   rounds (`--runs`, at most 5), every row once per round; figures are
+//!   medians over the rounds, ratios medians of the rounds' ratios.
 //!
 //! Usage (root, after `make setup`):
 //! `moat-bench [--runs N] [--http-secs N] [--json FILE] [--only SECTIONS]`
@@ -243,117 +245,145 @@ fn processes(s: &Server) -> [(&'static str, i32); 2] {
     ]
 }
 
-/// Gateway requests under wrk next to nginx's static file, same load.
-fn gateway(f: &mut Figures, secs: u32) {
+/// Gateway requests under wrk next to nginx's static file, same load, in
+/// `rounds` rounds (every row once per round, so a shared host's slow
+/// spells touch every row alike); each row's figures are medians over the
+/// rounds, each ratio the median of the rounds' ratios.
+fn gateway(f: &mut Figures, secs: u32, rounds: usize) {
     let s = bench_server("");
     let script = metrics_script(&s);
+    // The same question with no answer kept: every request that does not
+    // join a call in flight asks the broker.
+    let fresh = bench_server("[timeouts]\nmetrics_max_age_ms = 0\n");
+    let fresh_script = metrics_script(&fresh);
     let nginx = StaticNginx::start(free_port());
     let moat = processes(&s);
+    let rpc = format!("{}/api/v1/rpc", s.url);
+    let fresh_rpc = format!("{}/api/v1/rpc", fresh.url);
+    type Run<'a> = Box<dyn Fn() -> (wrk::Load, wrk::CpuPerRequest) + 'a>;
+    let rows: [(&str, Run); 5] = [
+        (
+            "nginx static file (baseline)",
+            Box::new(|| {
+                wrk::cpu_per_request(&[("nginx", nginx.pid())], || {
+                    wrk::run(&nginx.url, None, CONNECTIONS, secs)
+                })
+            }),
+        ),
+        (
+            "GET /api/v1/health (broker Health call)",
+            Box::new(|| {
+                wrk::cpu_per_request(&moat, || {
+                    wrk::run(&format!("{}/api/v1/health", s.url), None, CONNECTIONS, secs)
+                })
+            }),
+        ),
+        (
+            "POST sandbox.metrics.get (key + broker, answers kept 500 ms)",
+            Box::new(|| {
+                wrk::cpu_per_request(&moat, || wrk::run(&rpc, Some(&script), CONNECTIONS, secs))
+            }),
+        ),
+        (
+            "POST sandbox.metrics.get (answers not kept)",
+            Box::new(|| {
+                wrk::cpu_per_request(&processes(&fresh), || {
+                    wrk::run(&fresh_rpc, Some(&fresh_script), CONNECTIONS, secs)
+                })
+            }),
+        ),
+        // The ceiling of anything the gateway answers here: its HTTP stack
+        // and request middleware alone (no key, no handler, no broker).
+        (
+            "GET unknown path (404: HTTP stack + middleware)",
+            Box::new(|| {
+                wrk::cpu_per_request(&moat, || {
+                    let (load, text) =
+                        wrk::run_any(&format!("{}/nope", s.url), None, CONNECTIONS, secs);
+                    assert!(
+                        load.non_2xx > 0 && text.contains("Requests/sec"),
+                        "unknown paths are answered 404:\n{text}"
+                    );
+                    load
+                })
+            }),
+        ),
+    ];
+    let mut samples: Vec<Vec<(wrk::Load, wrk::CpuPerRequest)>> = vec![Vec::new(); rows.len()];
+    for round in 1..=rounds {
+        println!("gateway round {round} of {rounds}");
+        for (i, (_, run)) in rows.iter().enumerate() {
+            samples[i].push(run());
+        }
+    }
+    let median = |v: Vec<f64>| Summary::of(v).median;
     // One row: the load's figures, and the CPU each process spent per
     // request (steady where requests/s is not: a shared host's other
     // tenants take CPU time from the run, not from each request).
-    let row = |f: &mut Figures, name: &str, (load, cpu): (wrk::Load, wrk::CpuPerRequest)| {
-        let per_process: Vec<String> = cpu
-            .0
+    for ((name, _), runs) in rows.iter().zip(&samples) {
+        let of = |pick: fn(&wrk::Load) -> f64| median(runs.iter().map(|(l, _)| pick(l)).collect());
+        let (rps, p50, p99) = (
+            of(|l| l.requests_per_sec),
+            of(|l| l.p50_ms),
+            of(|l| l.p99_ms),
+        );
+        let cpu: Vec<(String, f64)> = runs[0]
+            .1
+             .0
             .iter()
-            .map(|(process, us)| format!("{process} {us:.0}"))
+            .enumerate()
+            .map(|(k, (process, _))| {
+                let us = median(runs.iter().map(|(_, c)| c.0[k].1).collect());
+                (process.clone(), us)
+            })
             .collect();
+        let shown: Vec<String> = cpu.iter().map(|(p, us)| format!("{p} {us:.0}")).collect();
         println!(
-            "{name:<52} {:>9.0} req/s  p50={:>7.2} ms  p99={:>7.2} ms  CPU us/request: {}",
-            load.requests_per_sec,
-            load.p50_ms,
-            load.p99_ms,
-            per_process.join(", ")
+            "{name:<52} {rps:>9.0} req/s  p50={p50:>7.2} ms  p99={p99:>7.2} ms  CPU us/request: {}",
+            shown.join(", ")
         );
         let cpu_json: serde_json::Map<String, Value> =
-            cpu.0.iter().map(|(p, us)| (p.clone(), json!(us))).collect();
+            cpu.into_iter().map(|(p, us)| (p, json!(us))).collect();
         f.0.insert(
             name.to_string(),
-            json!({"requests_per_sec": load.requests_per_sec, "p50_ms": load.p50_ms,
-                   "p99_ms": load.p99_ms, "cpu_us_per_request": cpu_json}),
+            json!({"rounds": runs.len(), "requests_per_sec": rps, "p50_ms": p50,
+                   "p99_ms": p99, "cpu_us_per_request": cpu_json}),
         );
-        (load, cpu)
+    }
+    // Each ratio against the nginx run of the same round.
+    let ratio = |f: &mut Figures,
+                 name: &str,
+                 row: usize,
+                 of: fn(&wrk::Load, &wrk::CpuPerRequest) -> f64| {
+        let per_round = samples[row]
+            .iter()
+            .zip(&samples[0])
+            .map(|((l, c), (bl, bc))| of(l, c) / of(bl, bc))
+            .collect();
+        f.ratio(name, median(per_round));
     };
-    let (base, base_cpu) = row(
+    let rps = |l: &wrk::Load, _: &wrk::CpuPerRequest| l.requests_per_sec;
+    let server_cpu = |_: &wrk::Load, c: &wrk::CpuPerRequest| c.servers();
+    ratio(f, "unknown path req/s / nginx req/s", 4, rps);
+    ratio(f, "health req/s / nginx req/s", 1, rps);
+    ratio(f, "metrics.get req/s / nginx req/s", 2, rps);
+    ratio(
         f,
-        "nginx static file (baseline)",
-        wrk::cpu_per_request(&[("nginx", nginx.pid())], || {
-            wrk::run(&nginx.url, None, CONNECTIONS, secs)
-        }),
-    );
-    let (health, _) = row(
-        f,
-        "GET /api/v1/health (broker Health call)",
-        wrk::cpu_per_request(&moat, || {
-            wrk::run(&format!("{}/api/v1/health", s.url), None, CONNECTIONS, secs)
-        }),
-    );
-    let (metrics, metrics_cpu) = row(
-        f,
-        "POST sandbox.metrics.get (key + broker, answers kept 500 ms)",
-        wrk::cpu_per_request(&moat, || {
-            wrk::run(
-                &format!("{}/api/v1/rpc", s.url),
-                Some(&script),
-                CONNECTIONS,
-                secs,
-            )
-        }),
-    );
-    // The ceiling of anything the gateway answers here: its HTTP stack
-    // and request middleware alone (no key, no handler, no broker).
-    let (stack, stack_cpu) = row(
-        f,
-        "GET unknown path (404: HTTP stack + middleware)",
-        wrk::cpu_per_request(&moat, || {
-            let (load, text) = wrk::run_any(&format!("{}/nope", s.url), None, CONNECTIONS, secs);
-            assert!(
-                load.non_2xx > 0 && text.contains("Requests/sec"),
-                "unknown paths are answered 404:\n{text}"
-            );
-            load
-        }),
-    );
-    // The same question with no answer kept: every request that does not
-    // join a call in flight asks the broker.
-    drop(s);
-    let s = bench_server("[timeouts]\nmetrics_max_age_ms = 0\n");
-    let script = metrics_script(&s);
-    let (uncached, _) = row(
-        f,
-        "POST sandbox.metrics.get (answers not kept)",
-        wrk::cpu_per_request(&processes(&s), || {
-            wrk::run(
-                &format!("{}/api/v1/rpc", s.url),
-                Some(&script),
-                CONNECTIONS,
-                secs,
-            )
-        }),
-    );
-    f.ratio(
-        "unknown path req/s / nginx req/s",
-        stack.requests_per_sec / base.requests_per_sec,
-    );
-    f.ratio(
-        "health req/s / nginx req/s",
-        health.requests_per_sec / base.requests_per_sec,
-    );
-    f.ratio(
-        "metrics.get req/s / nginx req/s",
-        metrics.requests_per_sec / base.requests_per_sec,
-    );
-    f.ratio(
         "metrics.get, answers not kept, req/s / nginx req/s",
-        uncached.requests_per_sec / base.requests_per_sec,
+        3,
+        rps,
     );
-    f.ratio(
+    ratio(
+        f,
         "unknown path server CPU per request / nginx's",
-        stack_cpu.servers() / base_cpu.servers(),
+        4,
+        server_cpu,
     );
-    f.ratio(
+    ratio(
+        f,
         "metrics.get server CPU per request / nginx's",
-        metrics_cpu.servers() / base_cpu.servers(),
+        2,
+        server_cpu,
     );
 }
 
@@ -405,7 +435,7 @@ fn main() {
         pool(&mut f, runs);
     }
     if want("gateway") {
-        gateway(&mut f, http_secs);
+        gateway(&mut f, http_secs, runs.clamp(1, 5));
     }
 
     let doc = json!({
