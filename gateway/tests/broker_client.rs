@@ -156,19 +156,7 @@ async fn calls_replies_and_statuses_go_through() {
         .expect("metrics");
     let names: Vec<_> = metrics.sandboxes.iter().map(|s| &s.namespace).collect();
     assert_eq!(names, ["a", "b"]);
-    let err = broker
-        .stop_sandbox(
-            StopSandboxRequest {
-                sandbox: Some(SandboxRef {
-                    namespace: "a".into(),
-                    name: "gone".into(),
-                }),
-                ..Default::default()
-            },
-            DEADLINE,
-        )
-        .await
-        .expect_err("the broker refused");
+    let err = stop_gone(&broker).await;
     assert_eq!(err.code().code(), -32003, "{err:?}");
     assert!(err.message().contains("no sandbox gone"), "{err:?}");
     stop(server).await;
@@ -305,18 +293,7 @@ async fn a_metrics_answer_is_kept_until_too_old_or_a_start_or_stop_ends() {
 
     // A stop that ended (even refused) may have changed what the broker
     // reports: the next answer comes from a new call.
-    kept.stop_sandbox(
-        StopSandboxRequest {
-            sandbox: Some(SandboxRef {
-                namespace: "a".into(),
-                name: "gone".into(),
-            }),
-            ..Default::default()
-        },
-        DEADLINE,
-    )
-    .await
-    .expect_err("the broker refused");
+    stop_gone(&kept).await;
     let after_stop = call_of(&kept, "a", None).await.expect("metrics");
     assert!(after_stop > other, "asked again after the stop");
     assert_eq!(call_of(&kept, "a", None).await, Ok(after_stop), "kept");
@@ -336,6 +313,23 @@ async fn a_metrics_answer_is_kept_until_too_old_or_a_start_or_stop_ends() {
     let two = call_of(&fresh, "a", None).await.expect("metrics");
     assert_ne!(one, two);
     stop(server).await;
+}
+
+/// Stops sandbox `a/gone`, which the fake broker refuses.
+async fn stop_gone(broker: &Broker) -> moat_gateway::error::RpcError {
+    broker
+        .stop_sandbox(
+            StopSandboxRequest {
+                sandbox: Some(SandboxRef {
+                    namespace: "a".into(),
+                    name: "gone".into(),
+                }),
+                ..Default::default()
+            },
+            DEADLINE,
+        )
+        .await
+        .expect_err("the broker refused")
 }
 
 /// Health once the broker answers (the dial back-off is at most 250 ms).

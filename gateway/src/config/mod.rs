@@ -402,23 +402,26 @@ impl Config {
                 message: format!("must be a positive number; got {}", l.requests_per_sec),
             });
         }
-        if l.max_broker_calls > MAX_MAX_BROKER_CALLS {
-            return Err(ConfigError::Invalid {
-                field: "limits.max_broker_calls",
-                message: format!(
-                    "at most {MAX_MAX_BROKER_CALLS}; got {}: lower it",
-                    l.max_broker_calls
-                ),
-            });
-        }
-        if t.metrics_max_age_ms > MAX_METRICS_MAX_AGE_MS {
-            return Err(ConfigError::Invalid {
-                field: "timeouts.metrics_max_age_ms",
-                message: format!(
-                    "at most {MAX_METRICS_MAX_AGE_MS} (a minute); got {}: lower it, or 0 to ask the broker every time",
-                    t.metrics_max_age_ms
-                ),
-            });
+        for (field, value, max, hint) in [
+            (
+                "limits.max_broker_calls",
+                l.max_broker_calls as u64,
+                MAX_MAX_BROKER_CALLS as u64,
+                "lower it",
+            ),
+            (
+                "timeouts.metrics_max_age_ms",
+                t.metrics_max_age_ms,
+                MAX_METRICS_MAX_AGE_MS,
+                "lower it (a minute at most), or 0 to ask the broker every time",
+            ),
+        ] {
+            if value > max {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: format!("at most {max}; got {value}: {hint}"),
+                });
+            }
         }
         if l.max_json_depth > 128 {
             return Err(ConfigError::Invalid {
