@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
 
-/// Kept answers beyond which a new question first drops the expired ones.
+/// Questions held beyond which a new question first drops the expired
+/// answers; after that, twice what was left (so dropping stays amortised
+/// constant time per question however many are young).
 const PRUNE_ABOVE: usize = 256;
 
 /// One call for a question: in flight, or answered at most `max_age` ago.
@@ -33,7 +35,14 @@ struct Flight<V> {
 #[derive(Debug)]
 pub struct Coalescer<K, V> {
     max_age: Duration,
-    flights: Mutex<HashMap<K, Flight<V>>>,
+    flights: Mutex<Flights<K, V>>,
+}
+
+#[derive(Debug)]
+struct Flights<K, V> {
+    by_question: HashMap<K, Flight<V>>,
+    /// Size at which the next question drops expired answers first.
+    prune_at: usize,
 }
 
 impl<K, V> Default for Coalescer<K, V> {
@@ -49,7 +58,10 @@ impl<K, V> Coalescer<K, V> {
     pub fn keeping_for(max_age: Duration) -> Self {
         Self {
             max_age,
-            flights: Mutex::new(HashMap::new()),
+            flights: Mutex::new(Flights {
+                by_question: HashMap::new(),
+                prune_at: PRUNE_ABOVE,
+            }),
         }
     }
 }
@@ -87,18 +99,18 @@ impl<K: Eq + Hash + Clone, V: Clone> Coalescer<K, V> {
     /// The answer cell for `key`: the live flight's, or a new flight's.
     fn join(&self, key: &K) -> Arc<OnceCell<V>> {
         let now = Instant::now();
-        let mut map = self.lock();
-        if let Some(flight) = map.get(key) {
-            if !flight.answer.initialized() || now.duration_since(flight.sent) < self.max_age {
-                return flight.answer.clone();
-            }
+        let max_age = self.max_age;
+        let live = |f: &Flight<V>| !f.answer.initialized() || now.duration_since(f.sent) < max_age;
+        let mut flights = self.lock();
+        if let Some(flight) = flights.by_question.get(key).filter(|f| live(f)) {
+            return flight.answer.clone();
         }
-        if map.len() >= PRUNE_ABOVE {
-            let max_age = self.max_age;
-            map.retain(|_, f| !f.answer.initialized() || now.duration_since(f.sent) < max_age);
+        if flights.by_question.len() >= flights.prune_at {
+            flights.by_question.retain(|_, f| live(f));
+            flights.prune_at = PRUNE_ABOVE.max(2 * flights.by_question.len());
         }
         let answer = Arc::new(OnceCell::new());
-        map.insert(
+        flights.by_question.insert(
             key.clone(),
             Flight {
                 sent: now,
@@ -108,22 +120,26 @@ impl<K: Eq + Hash + Clone, V: Clone> Coalescer<K, V> {
         answer
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Flight<V>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Flights<K, V>> {
         self.flights.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Drops `key`'s entry if it is still `answer`'s flight.
     fn forget(&self, key: &K, answer: &Arc<OnceCell<V>>) {
-        let mut map = self.lock();
-        if map.get(key).is_some_and(|f| Arc::ptr_eq(&f.answer, answer)) {
-            map.remove(key);
+        let mut flights = self.lock();
+        if flights
+            .by_question
+            .get(key)
+            .is_some_and(|f| Arc::ptr_eq(&f.answer, answer))
+        {
+            flights.by_question.remove(key);
         }
     }
 
     /// Questions with a call in flight or an answer kept (for tests).
     #[cfg(test)]
     fn held(&self) -> usize {
-        self.flights.lock().map(|m| m.len()).unwrap_or(0)
+        self.lock().by_question.len()
     }
 }
 
@@ -273,5 +289,16 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(30)).await;
         c.run("new".to_owned(), always, || async { 0 }).await;
         assert_eq!(c.held(), 1, "only the new answer is left");
+    }
+
+    #[tokio::test]
+    async fn young_answers_are_all_kept_and_dropping_waits_for_twice_as_many() {
+        let c: Coalescer<String, usize> = Coalescer::keeping_for(Duration::from_secs(60));
+        for i in 0..PRUNE_ABOVE + 10 {
+            c.run(i.to_string(), always, || async { i }).await;
+        }
+        assert_eq!(c.held(), PRUNE_ABOVE + 10, "none expired");
+        assert_eq!(c.lock().prune_at, 2 * PRUNE_ABOVE);
+        assert_eq!(c.run("3".to_owned(), always, || async { 0 }).await, 3);
     }
 }
