@@ -12,8 +12,9 @@
 //! - [`rpc`]: the JSON-RPC endpoint; [`mcp`]: the MCP endpoint;
 //!   [`health`]: the health endpoint.
 //! - [`broker`]: the gRPC client; [`coalesce`]: identical reads sharing
-//!   one broker call and, for metrics, its answer briefly; [`error`]: the one wire error type;
-//!   [`obs`]: request ids, audit lines, Prometheus metrics.
+//!   one broker call and, for metrics, its answer briefly; [`error`]: the
+//!   one wire error type; [`obs`]: request ids and contexts, audit lines,
+//!   Prometheus metrics.
 
 pub mod app;
 pub mod auth;
