@@ -112,14 +112,21 @@ fn a_fork_bomb_stays_in_its_guest_and_is_stopped_by_the_timeout() {
     s.start_sandbox("bystander", json!({}));
     let host_processes = s.sandbox_processes().len();
     std::thread::scope(|scope| {
-        // Bombed again whenever it dies out: at the pid limit a plain bomb
-        // can collapse on its own, and this one must last to its timeout.
+        // Bombed again whenever it dies out (at the pid limit a plain bomb
+        // can collapse on its own), by four loops, since a shell whose fork
+        // fails exits. The command itself is a `sleep` that forks nothing,
+        // so it is still running at its timeout, whatever the bomb does:
+        // a command that had ended would leave its leftovers running.
         let bomb = scope.spawn(|| {
             run_for(
                 &s,
                 "bomb",
                 "sh",
-                &["-c", "b() { b & b & wait; }; while :; do b; done"],
+                &[
+                    "-c",
+                    "b() { b & b & wait; }; l() { sleep 1; while :; do b; done; }; \
+                     l & l & l & l & exec sleep 3600",
+                ],
                 20,
             )
         });
@@ -154,6 +161,7 @@ fn a_fork_bomb_stays_in_its_guest_and_is_stopped_by_the_timeout() {
         assert_responsive(&s, "bystander");
         let r = bomb.join().unwrap();
         assert_eq!(r["success"], json!(false), "{r}");
+        assert_eq!(r["exit_code"], json!(137), "not killed at its timeout: {r}");
     });
     // The whole process group died with the timeout: the sandbox recovers.
     let start = Instant::now();
