@@ -5,12 +5,12 @@
 //! `lifecycle.shutdown_grace_secs`, and leaves the VMs for the next broker
 //! (or stops them, `lifecycle.stop_sandboxes_on_shutdown`).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use moat_broker::cgroups::CgroupManager;
 use moat_broker::config::BrokerConfig;
@@ -23,6 +23,7 @@ use moat_broker::{initramfs, server};
 use moat_proto::broker::admin_server::AdminServer;
 use moat_proto::broker::broker_server::BrokerServer;
 use tokio::signal::unix::{signal, SignalKind};
+use tracing_subscriber::EnvFilter;
 
 /// What `--help` adds below the options: the man-page sections.
 const BROKER_MANUAL: &str = "\
@@ -43,6 +44,11 @@ FILES:
   /usr/lib/moat           guest kernel, guest agent, base image
   /usr/bin/moat-jailer    confines each VM process
   /usr/bin/moat-vmm       the libkrun runner (one VM per process)
+
+ENVIRONMENT:
+  MOAT_LOG  what to log, in tracing's filter syntax: a level (error, warn,
+            info, debug, trace) or target=level pairs; default info. An
+            invalid filter stops the broker at start with exit status 1.
 
 SIGNALS:
   SIGTERM, SIGINT  refuse new work, finish calls in flight within
@@ -75,15 +81,27 @@ struct Args {
     check: bool,
 }
 
+/// What to log: `MOAT_LOG` in tracing's filter syntax, `info` when unset
+/// or empty. A filter that does not parse is refused, not guessed at.
+fn log_filter() -> Result<EnvFilter> {
+    match std::env::var("MOAT_LOG") {
+        Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(&v).map_err(|e| {
+            anyhow!(
+                "MOAT_LOG={v:?} is not a log filter ({e}): give a level (error, warn, info, \
+                 debug, trace) or target=level pairs such as info,moat_broker=debug"
+            )
+        }),
+        _ => Ok(EnvFilter::new("info")),
+    }
+}
+
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(log_filter()?)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     let config = BrokerConfig::load(&args.config)?;
     config.validate()?;
     for (what, p) in [

@@ -282,7 +282,7 @@ fn start_gateway(spec: &GatewaySpec) -> Result<Child> {
         .args(["--listen", &spec.listen.to_string(), "--broker-socket"])
         .arg(&spec.broker_socket)
         .env_clear()
-        .envs(std::env::vars().filter(|(k, _)| k == "MOAT_LOG" || k == "RUST_LOG" || k == "PATH"))
+        .envs(std::env::vars().filter(|(k, _)| k == "MOAT_LOG" || k == "PATH"))
         .uid(spec.uid)
         .gid(spec.gid)
         .current_dir("/")

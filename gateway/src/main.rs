@@ -1,5 +1,6 @@
 //! `moat-gateway`: reads the command line and config file, checks the
-//! configuration, sets up logging (text or JSON), serves the public router
+//! configuration, sets up logging (text or JSON, filtered by `MOAT_LOG`,
+//! colours only on a terminal), serves the public router
 //! on TCP (and a Unix socket when configured) and `/metrics` on its own
 //! address when configured, raises its open-files limit to fit
 //! `limits.max_connections`, and shuts down gracefully on SIGINT or SIGTERM:
@@ -27,7 +28,13 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = match log_filter() {
+        Ok(filter) => filter,
+        Err(err) => {
+            eprintln!("moat-gateway: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     if config.log.json {
         tracing_subscriber::fmt()
             .json()
@@ -49,6 +56,20 @@ async fn main() -> ExitCode {
             eprintln!("moat-gateway: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What to log: `MOAT_LOG` in tracing's filter syntax, `info` when unset
+/// or empty. A filter that does not parse is refused, not guessed at.
+fn log_filter() -> Result<EnvFilter, String> {
+    match std::env::var("MOAT_LOG") {
+        Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(&v).map_err(|e| {
+            format!(
+                "MOAT_LOG={v:?} is not a log filter ({e}): give a level (error, warn, info, \
+                 debug, trace) or target=level pairs such as info,moat_gateway=debug"
+            )
+        }),
+        _ => Ok(EnvFilter::new("info")),
     }
 }
 

@@ -99,6 +99,8 @@ pub struct Options {
     /// so a suite that ends leaves no VM behind; the restart suites set it
     /// to false here.
     pub lifecycle_toml: String,
+    /// `MOAT_LOG` for the broker and the gateway.
+    pub log_filter: String,
 }
 
 impl Default for Options {
@@ -123,6 +125,7 @@ impl Default for Options {
             network_toml: String::new(),
             volumes_toml: String::new(),
             lifecycle_toml: String::new(),
+            log_filter: "info".into(),
         }
     }
 }
@@ -148,6 +151,7 @@ pub struct Server {
     pub net_prefix: String,
     port: u16,
     keys: bool,
+    log_filter: String,
     agent: ureq::Agent,
 }
 
@@ -388,6 +392,7 @@ owner_gid = {volume_owner}
             net_prefix,
             port,
             keys: opts.keys,
+            log_filter: opts.log_filter,
             agent,
         };
         server.spawn_supervisor();
@@ -413,7 +418,7 @@ owner_gid = {volume_owner}
         let child = command
             .args(["--port", &self.port.to_string(), "--broker-config"])
             .arg(&self.broker_config)
-            .env("MOAT_LOG", "info")
+            .env("MOAT_LOG", &self.log_filter)
             .stdin(Stdio::null())
             .stdout(logfile.try_clone().expect("dup"))
             .stderr(logfile)

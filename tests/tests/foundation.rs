@@ -2,6 +2,7 @@
 //! microVM → guest agent — and what must hold when things go wrong.
 
 use std::io::{Read, Write};
+use std::process::Command;
 use std::time::Duration;
 
 use moat_e2e::{build_dir, cgroup_limits, lines_of, Options, Server};
@@ -386,4 +387,50 @@ fn is_zombie(pid: i32) -> bool {
                 .starts_with('Z')
         })
         .unwrap_or(true)
+}
+
+#[test]
+fn logs_follow_moat_log_and_have_no_colour_codes_off_a_terminal() {
+    // The harness logs to a file, as the journal is: not a terminal.
+    let s = Server::start();
+    let log = s.log_text();
+    for daemon in ["moat_broker", "moat_gateway"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(" INFO ") && l.contains(daemon)),
+            "no info line from {daemon} at MOAT_LOG=info:\n{log}"
+        );
+    }
+    assert!(
+        !log.contains('\x1b'),
+        "colour codes in a log that is not a terminal:\n{log}"
+    );
+    drop(s);
+
+    let quiet = Server::start_with(Options {
+        log_filter: "warn".into(),
+        ..Options::default()
+    });
+    quiet.start_sandbox("quiet", json!({}));
+    quiet.stop_sandbox("quiet");
+    let log = quiet.log_text();
+    let info: Vec<&str> = log.lines().filter(|l| l.contains(" INFO ")).collect();
+    assert!(info.is_empty(), "info lines at MOAT_LOG=warn: {info:#?}");
+}
+
+#[test]
+fn an_invalid_moat_log_stops_the_daemons_with_a_clear_error() {
+    for daemon in ["moat-broker", "moat-gateway"] {
+        let out = Command::new(moat_e2e::bin_dir().join(daemon))
+            .env("MOAT_LOG", "moat=loud")
+            .env("MOAT_BROKER_CONFIG", "/nonexistent/broker.toml")
+            .output()
+            .expect("run the daemon");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{daemon}: {stderr}");
+        assert!(
+            stderr.contains("MOAT_LOG=\"moat=loud\" is not a log filter"),
+            "{daemon}: {stderr}"
+        );
+    }
 }

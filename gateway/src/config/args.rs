@@ -24,6 +24,11 @@ FILES:
   /etc/moat/revoked-keys   revoked key ids, re-read every few seconds
   /run/moat/broker.sock    the broker
 
+ENVIRONMENT:
+  MOAT_LOG  what to log, in tracing's filter syntax: a level (error, warn,
+            info, debug, trace) or target=level pairs; default info. An
+            invalid filter stops the gateway at start with exit status 1.
+
 SIGNALS:
   SIGTERM, SIGINT  stop accepting connections and finish requests in flight
                    within timeouts.shutdown_grace_secs

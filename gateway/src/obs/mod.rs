@@ -1,4 +1,4 @@
-//! Observability: the per-request id and span with the client's address
+//! Observability: the per-request context, its id and the client's address
 //! ([`request`], [`client_ip`]), the Prometheus counters and the `/metrics`
 //! endpoint ([`metrics`]), and the audit line per sandbox operation
 //! ([`audit`]).
